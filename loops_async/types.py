@@ -1,0 +1,393 @@
+"""Public wire types of the Loops protocol (PROTOCOL.md §3-4 and the operation results).
+
+All types are :class:`msgspec.Struct` classes: cheap to build, compared by value, and encoded by
+the module-level codecs in :mod:`loops_async._codec` without a Python-level loop over tensor
+elements. Response types tolerate unknown fields and missing optional fields.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "AdamParams",
+    "Checkpoint",
+    "Chunk",
+    "DType",
+    "Datum",
+    "EncodedTextChunk",
+    "ForwardBackwardOutput",
+    "GetInfoResponse",
+    "ImageChunk",
+    "InitTrainerServerResponse",
+    "LoadWeightsResponse",
+    "LossFnType",
+    "ModelData",
+    "ModelInput",
+    "OptimStepResponse",
+    "SaveWeightsForSamplerResponse",
+    "SaveWeightsResponse",
+    "TensorData",
+]
+
+DType: TypeAlias = Literal["int64", "int32", "float32", "float16", "bfloat16", "float64", "bool"]
+"""The tensor dtypes of the wire protocol."""
+
+LossFnType: TypeAlias = Literal[
+    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "dpo", "dppo"
+]
+"""The loss functions a Loops trainer offers (PROTOCOL.md §5)."""
+
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "int64": np.dtype(np.int64),
+    "int32": np.dtype(np.int32),
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    # numpy has no bfloat16: it is widened to float32 on the way in and out.
+    "bfloat16": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "bool": np.dtype(np.bool_),
+}
+_DTYPE_OF_NUMPY: dict[np.dtype[Any], str] = {
+    np.dtype(np.int64): "int64",
+    np.dtype(np.int32): "int32",
+    np.dtype(np.float32): "float32",
+    np.dtype(np.float16): "float16",
+    np.dtype(np.float64): "float64",
+    np.dtype(np.bool_): "bool",
+}
+FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
+INT_DTYPES = frozenset({"int64", "int32"})
+
+
+def _numpy_dtype(dtype: str) -> np.dtype[Any]:
+    try:
+        return _NUMPY_DTYPES[dtype]
+    except KeyError:
+        raise ValueError(
+            f"unknown dtype {dtype!r}; expected one of {sorted(_NUMPY_DTYPES)}"
+        ) from None
+
+
+class TensorData(msgspec.Struct, kw_only=True):
+    """A tensor on the wire: flat ``data``, a ``dtype`` name and a ``shape``.
+
+    Build one from a list (:meth:`from_list`), a numpy array (:meth:`from_numpy`) or a torch
+    tensor (:meth:`from_torch`); read it back with :meth:`to_numpy`, :meth:`to_torch` or
+    :meth:`tolist`. Float tensors carry NaN as JSON ``null``; readers turn ``null`` back into
+    NaN. ``shape`` defaults to ``[len(data)]``.
+    """
+
+    data: list[bool | int | float | None]
+    dtype: str
+    shape: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.shape is None:
+            self.shape = [len(self.data)]
+
+    @classmethod
+    def from_numpy(cls, array: npt.NDArray[Any], dtype: DType | None = None) -> TensorData:
+        """Wrap a numpy array (any shape). ``dtype`` overrides the wire dtype name."""
+        arr = np.asarray(array)
+        if dtype is None:
+            name = _DTYPE_OF_NUMPY.get(arr.dtype)
+            if name is None:
+                if arr.dtype.kind in "iu":
+                    name = "int64"
+                elif arr.dtype.kind == "f":
+                    name = "float32"
+                else:
+                    raise ValueError(f"unsupported numpy dtype {arr.dtype}")
+        else:
+            name = dtype
+        target = _numpy_dtype(name)
+        if arr.dtype != target:
+            arr = arr.astype(target)
+        return cls(data=arr.ravel().tolist(), dtype=name, shape=list(arr.shape))
+
+    @classmethod
+    def from_torch(cls, tensor: torch.Tensor) -> TensorData:
+        """Wrap a torch tensor (moved to CPU; ``bfloat16`` travels as float values)."""
+        import torch
+
+        t = tensor.detach().cpu()
+        names = {
+            torch.int64: "int64",
+            torch.int32: "int32",
+            torch.float32: "float32",
+            torch.float16: "float16",
+            torch.bfloat16: "bfloat16",
+            torch.float64: "float64",
+            torch.bool: "bool",
+        }
+        name = names.get(t.dtype)
+        if name is None:
+            raise ValueError(f"unsupported torch dtype {t.dtype}")
+        if t.dtype == torch.bfloat16:
+            t = t.to(torch.float32)
+        return cls(data=t.reshape(-1).tolist(), dtype=name, shape=list(t.shape))
+
+    @classmethod
+    def from_list(
+        cls,
+        values: Sequence[Any],
+        dtype: DType | None = None,
+        shape: Sequence[int] | None = None,
+    ) -> TensorData:
+        """Build from a flat or nested list. ``dtype`` is inferred when omitted."""
+        arr = np.asarray(values, dtype=_numpy_dtype(dtype) if dtype else None)
+        if shape is not None:
+            arr = arr.reshape(tuple(shape))
+        if dtype is None and arr.dtype.kind == "f":
+            dtype = "float32"
+        return cls.from_numpy(arr, dtype=dtype)
+
+    def to_numpy(self) -> npt.NDArray[Any]:
+        """Return a numpy array of ``shape`` (``null`` becomes NaN for float dtypes)."""
+        arr = np.asarray(self.data, dtype=_numpy_dtype(self.dtype))
+        return arr.reshape(tuple(self.shape)) if self.shape is not None else arr
+
+    def to_torch(self) -> torch.Tensor:
+        """Return a torch tensor of ``shape`` and ``dtype``."""
+        import torch
+
+        t = torch.from_numpy(self.to_numpy())
+        if self.dtype == "bfloat16":
+            t = t.to(torch.bfloat16)
+        return t
+
+    def tolist(self) -> list[Any]:
+        """Return the values as a nested list of ``shape`` (``null`` becomes NaN for floats)."""
+        return self.to_numpy().tolist()  # type: ignore[no-any-return]
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape) if self.shape is not None else len(self.data)
+
+
+def _as_tensor_data(value: object) -> TensorData:
+    """Convert what users pass in ``loss_fn_inputs`` (array, tensor, list) to TensorData."""
+    if isinstance(value, TensorData):
+        return value
+    if isinstance(value, np.ndarray):
+        return TensorData.from_numpy(value)
+    if isinstance(value, list | tuple):
+        return TensorData.from_list(value)
+    if type(value).__module__.startswith("torch"):
+        return TensorData.from_torch(value)  # type: ignore[arg-type]
+    raise TypeError(
+        f"expected TensorData, numpy array, torch tensor or list, got {type(value).__name__}"
+    )
+
+
+class EncodedTextChunk(msgspec.Struct, tag="encoded_text", tag_field="type", kw_only=True):
+    """A run of token ids."""
+
+    tokens: list[int]
+
+    @property
+    def length(self) -> int:
+        """Number of tokens."""
+        return len(self.tokens)
+
+
+class ImageChunk(msgspec.Struct, tag="image", tag_field="type", kw_only=True):
+    """An image that the model sees as ``expected_tokens`` positions (``data`` is raw bytes;
+    it travels base64-encoded)."""
+
+    data: bytes
+    format: Literal["png", "jpeg"]
+    expected_tokens: int
+
+    @property
+    def length(self) -> int:
+        """Number of model positions the image occupies."""
+        return self.expected_tokens
+
+
+Chunk: TypeAlias = EncodedTextChunk | ImageChunk
+"""One piece of a :class:`ModelInput`."""
+
+
+class ModelInput(msgspec.Struct, kw_only=True):
+    """The input sequence of a datum or a prompt: a list of chunks."""
+
+    chunks: list[Chunk]
+
+    @classmethod
+    def from_ints(cls, tokens: Iterable[int] | npt.NDArray[np.integer[Any]]) -> ModelInput:
+        """One text chunk holding ``tokens`` (a list, any iterable of ints, or an int array)."""
+        if isinstance(tokens, np.ndarray):
+            ints: list[int] = tokens.astype(np.int64, copy=False).ravel().tolist()
+        else:
+            ints = [int(t) for t in tokens] if not isinstance(tokens, list) else tokens
+        return cls(chunks=[EncodedTextChunk(tokens=ints)])
+
+    @classmethod
+    def empty(cls) -> ModelInput:
+        """A model input with no chunks."""
+        return cls(chunks=[])
+
+    def to_ints(self) -> list[int]:
+        """All token ids in order. Raises ``ValueError`` if an image chunk is present."""
+        out: list[int] = []
+        for chunk in self.chunks:
+            if not isinstance(chunk, EncodedTextChunk):
+                raise ValueError("to_ints() is only defined for text-only model inputs")
+            out.extend(chunk.tokens)
+        return out
+
+    @property
+    def length(self) -> int:
+        """Number of model positions (tokens, plus each image's ``expected_tokens``)."""
+        return sum(chunk.length for chunk in self.chunks)
+
+    def append(self, chunk: Chunk) -> ModelInput:
+        """Return a new model input with ``chunk`` added at the end."""
+        return ModelInput(chunks=[*self.chunks, chunk])
+
+    def append_int(self, token: int) -> ModelInput:
+        """Return a new model input with one token added (to the last text chunk if any)."""
+        if self.chunks and isinstance(self.chunks[-1], EncodedTextChunk):
+            last = EncodedTextChunk(tokens=[*self.chunks[-1].tokens, int(token)])
+            return ModelInput(chunks=[*self.chunks[:-1], last])
+        return self.append(EncodedTextChunk(tokens=[int(token)]))
+
+
+class Datum(msgspec.Struct, kw_only=True):
+    """One training example: the input sequence and the loss function's per-position inputs.
+
+    ``loss_fn_inputs`` values may be given as :class:`TensorData`, numpy arrays, torch tensors
+    or lists; they are converted to :class:`TensorData` on construction. Position ``i`` of
+    ``model_input`` predicts token ``i + 1``; every per-position tensor has length
+    ``model_input.length`` (the trainer never shifts labels).
+    """
+
+    model_input: ModelInput
+    loss_fn_inputs: dict[str, TensorData]
+    routed_experts_ref: Any = None
+
+    def __post_init__(self) -> None:
+        inputs = self.loss_fn_inputs
+        for key, value in inputs.items():
+            if not isinstance(value, TensorData):
+                inputs[key] = _as_tensor_data(value)
+
+
+class AdamParams(msgspec.Struct, kw_only=True):
+    """Optimizer settings for one ``optim_step`` (Adam with decoupled weight decay).
+
+    ``grad_clip_norm=0`` disables gradient clipping.
+    """
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 1.0
+
+
+# --------------------------------------------------------------------------- results
+
+
+class ForwardBackwardOutput(msgspec.Struct, kw_only=True):
+    """Result of ``forward`` / ``forward_backward``.
+
+    ``loss`` is the mean loss per active token of the call; ``loss_fn_outputs`` has one dict
+    per datum, in order, holding at least ``"logprobs"`` shaped like ``target_tokens``.
+    """
+
+    loss: float = 0.0
+    loss_fn_output_type: str = ""
+    loss_fn_outputs: list[dict[str, TensorData]] = msgspec.field(default_factory=list)
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+class OptimStepResponse(msgspec.Struct, kw_only=True):
+    """Result of ``optim_step``: metrics such as ``step``, ``learning_rate``, ``grad_norm``."""
+
+    metrics: dict[str, float] | None = None
+
+
+class SaveWeightsResponse(msgspec.Struct, kw_only=True):
+    """Result of ``save_state``: the ``bt://loops:<run>/weights/<name>`` path."""
+
+    path: str
+    mode: str | None = None
+
+
+class SaveWeightsForSamplerResponse(msgspec.Struct, kw_only=True):
+    """Result of ``save_weights_for_sampler``: the ``.../sampler_weights/<name>`` path and the
+    policy version at the moment of the call."""
+
+    path: str
+    version: int | None = None
+
+
+class LoadWeightsResponse(msgspec.Struct, kw_only=True):
+    """Result of ``load_state`` / ``load_state_with_optimizer``: the trainer's step counter
+    after loading and the path that was loaded."""
+
+    step: int | None = None
+    path: str | None = None
+
+
+class InitTrainerServerResponse(msgspec.Struct, kw_only=True):
+    """Result of ``init_trainer_server``: a fresh adapter of ``lora_rank``."""
+
+    lora_rank: int
+    step: int = 0
+
+
+class ModelData(msgspec.Struct, kw_only=True):
+    """Static facts about the base model of a run."""
+
+    model_name: str
+    tokenizer_id: str
+    arch: str | None = None
+
+
+class GetInfoResponse(msgspec.Struct, kw_only=True):
+    """What ``TrainingClient.get_info()`` reports about its run."""
+
+    model_id: str
+    model_name: str
+    lora_rank: int
+    model_data: ModelData
+    is_lora: bool = True
+    base_url: str | None = None
+
+
+class Checkpoint(msgspec.Struct, kw_only=True):
+    """A saved checkpoint as listed by the control plane (PROTOCOL.md §7)."""
+
+    id: str
+    run_id: str
+    checkpoint_id: str
+    checkpoint_type: str | None = None
+    created_at: str | None = None
+    base_model: str | None = None
+    lora_adapter_config: dict[str, Any] | None = None
+    size_bytes: int | None = None
+    sync_status: str | None = None
+    target: str | None = None
+
+    _KIND: ClassVar[dict[str, str]] = {"trainer": "weights", "sampler": "sampler_weights"}
+
+    @property
+    def path(self) -> str:
+        """The ``bt://loops:<run_id>/<weights|sampler_weights>/<name>`` URI of the checkpoint."""
+        kind = self._KIND.get(self.target or "trainer", "weights")
+        return f"bt://loops:{self.run_id}/{kind}/{self.checkpoint_id}"
