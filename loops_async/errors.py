@@ -7,13 +7,16 @@ Every exception the library raises on purpose derives from :class:`LoopsError`::
     ├── SyncInAsyncContextError    a sync method called inside a running event loop
     │                              (also a RuntimeError); use the ``*_async`` twin
     ├── ClientClosedError          the client was closed (also a RuntimeError)
-    ├── OperationTimeoutError      ``.result(timeout)`` or a ready wait ran out (also a TimeoutError)
+    ├── OperationTimeoutError      ``.result(timeout)`` or a ready wait ran out
+    │                              (also a TimeoutError)
     │   └── SampleTimeoutError     a sample request timed out
     ├── TransportError             no HTTP response: connect / read / write failure
     │   ├── ConnectError
     │   └── ReadTimeoutError
     ├── ProtocolError              the server answered something this protocol does not allow
-    ├── APIStatusError             an HTTP error status (``status_code``, ``method``, ``url``, ``message``)
+    ├── DeploymentError            a trainer or sampler deployment ended (FAILED, STOPPED, ...)
+    ├── APIStatusError             an HTTP error status
+    │                              (``status_code``, ``method``, ``url``, ``message``)
     │   ├── BadRequestError             400
     │   ├── AuthenticationError         401
     │   ├── PermissionDeniedError       403
@@ -42,6 +45,7 @@ __all__ = [
     "ClientClosedError",
     "ConflictError",
     "ConnectError",
+    "DeploymentError",
     "InternalServerError",
     "LoopsError",
     "NotFoundError",
@@ -109,6 +113,11 @@ class ReadTimeoutError(TransportError):
 
 class ProtocolError(LoopsError):
     """The server answered something the Loops protocol does not allow."""
+
+
+class DeploymentError(LoopsError):
+    """A trainer or sampler deployment reached a terminal state (FAILED, STOPPED, PREEMPTED,
+    ...) while the client waited for it to become ready."""
 
 
 class APIStatusError(LoopsError):

@@ -240,11 +240,11 @@ class ModelInput(msgspec.Struct, kw_only=True):
         return cls(chunks=[])
 
     def to_ints(self) -> list[int]:
-        """All token ids in order. Raises ``ValueError`` if an image chunk is present."""
+        """All token ids in order. Raises ``TypeError`` if an image chunk is present."""
         out: list[int] = []
         for chunk in self.chunks:
             if not isinstance(chunk, EncodedTextChunk):
-                raise ValueError("to_ints() is only defined for text-only model inputs")
+                raise TypeError("to_ints() is only defined for text-only model inputs")
             out.extend(chunk.tokens)
         return out
 

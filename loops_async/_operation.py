@@ -1,0 +1,307 @@
+"""Submit-and-retrieve: the operation engine and :class:`OperationFuture`.
+
+``POST {endpoint}/<op>`` with an ``Idempotency-Key`` that every retry reuses answers 202 with an
+operation id; ``GET {endpoint}/operations/<id>`` is held by the server up to ~30 s and answers
+200 (done or error), 408 (not yet: re-poll at once), 404, 502 or 503 (PROTOCOL §2).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Generator, Mapping
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from . import _portal, errors
+from ._codec import decoder_for
+from ._http import POLL_READ_TIMEOUT, Backoff, Transport, error_for_response, is_permanent_rejection
+from ._loop import current_loop
+from ._wire import OPERATION_SCHEMA_VERSION, OpEnvelope, SubmitAccepted
+
+__all__ = ["Endpoint", "OperationFuture"]
+
+T = TypeVar("T")
+
+SUBMIT_READ_TIMEOUT = 60.0
+TRANSIENT_RETRY_DELAY = 2.0
+_RETRY_SUBMIT_STATUSES = frozenset({408, 429, 502, 504})
+_NOT_READY_STATUSES = frozenset({400, 404})
+
+
+class Endpoint:
+    """A trainer's base URL, the headers its requests carry, and the retry policy."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        base_url: str,
+        *,
+        headers: Mapping[str, str],
+        ready_timeout: float,
+    ) -> None:
+        self.transport = transport
+        self.base_url = base_url.rstrip("/")
+        self.headers = dict(headers)
+        self.ready_timeout = ready_timeout
+
+    def url(self, path: str) -> str:
+        """The absolute URL of ``path`` under this endpoint."""
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    async def get(
+        self, path: str, *, params: Mapping[str, str] | None = None, timeout: float | None = None
+    ) -> Any:
+        """GET ``path`` and return the raw response (statuses are the caller's business)."""
+        return await self.transport.request(
+            "GET", self.url(path), headers=self.headers, params=params, timeout=timeout
+        )
+
+    async def submit(self, op: str, body: bytes) -> str:
+        """POST an operation and return its id once accepted (202).
+
+        Retries, with the same ``Idempotency-Key``, connection failures, 408/429/502/504 and
+        400/404 not marked permanent (a server still starting), with jittered exponential
+        back-off bounded by ``ready_timeout``. 503 and permanent rejections raise at once.
+        """
+        url = self.url(op)
+        headers = {**self.headers, "Idempotency-Key": uuid.uuid4().hex}
+        backoff = Backoff()
+        deadline = anyio.current_time() + self.ready_timeout
+        while True:
+            failure: errors.LoopsError
+            retry_after: float | None = None
+            try:
+                response = await self.transport.request(
+                    "POST", url, content=body, headers=headers, timeout=SUBMIT_READ_TIMEOUT
+                )
+            except errors.TransportError as exc:
+                failure = exc
+            else:
+                status = response.status_code
+                if 200 <= status < 300:
+                    return _accepted_operation_id(response)
+                failure = error_for_response(response)
+                retryable = status in _RETRY_SUBMIT_STATUSES or (
+                    status in _NOT_READY_STATUSES and not is_permanent_rejection(response)
+                )
+                if not retryable:
+                    raise failure
+                retry_after = _retry_after(response)
+            delay = backoff.next_delay() if retry_after is None else retry_after
+            if anyio.current_time() + delay > deadline:
+                raise failure
+            await anyio.sleep(delay)
+
+    async def retrieve(self, operation_id: str, result_type: type[T]) -> T:
+        """Long-poll an operation until it is done; return its decoded result.
+
+        Raises :class:`~loops_async.errors.RemoteOpError` if it failed on the server,
+        :class:`~loops_async.errors.UnknownRequestError` on 404 and
+        :class:`~loops_async.errors.ServerShutdownError` on 503.
+        """
+        url = self.url(f"operations/{quote(operation_id, safe='')}")
+        decoder = decoder_for(OpEnvelope[result_type])  # type: ignore[valid-type]
+        backoff = Backoff()
+        deadline = anyio.current_time() + self.ready_timeout
+        while True:
+            try:
+                response = await self.transport.request(
+                    "GET", url, headers=self.headers, timeout=POLL_READ_TIMEOUT
+                )
+            except errors.ReadTimeoutError:
+                continue  # an idle hold that outlived our read timeout: poll again
+            except errors.TransportError:
+                delay = backoff.next_delay()
+                if anyio.current_time() + delay > deadline:
+                    raise
+                await anyio.sleep(delay)
+                continue
+            backoff = Backoff()
+            deadline = anyio.current_time() + self.ready_timeout
+            status = response.status_code
+            if status == 200:
+                try:
+                    decoded = decoder.decode(response.content)
+                except msgspec.DecodeError as exc:
+                    raise errors.ProtocolError(
+                        f"undecodable result for operation {operation_id}: {exc}"
+                    ) from exc
+                envelope: OpEnvelope[T] = decoded
+                if envelope.status == "done":
+                    if envelope.result is None:
+                        raise errors.ProtocolError(
+                            f"operation {operation_id} is done but carries no result"
+                        )
+                    return envelope.result
+                if envelope.status == "error":
+                    raise errors.RemoteOpError(
+                        envelope.error or "operation failed",
+                        error_class=envelope.error_class,
+                        operation_id=operation_id,
+                    )
+                continue  # "pending"/"running": not finished, poll again
+            if status == 408:
+                continue
+            if status == 404:
+                raise error_for_response(response, errors.UnknownRequestError)
+            if status in (502, 504):
+                await anyio.sleep(TRANSIENT_RETRY_DELAY)
+                continue
+            raise error_for_response(response)
+
+
+def _accepted_operation_id(response: Any) -> str:
+    try:
+        accepted: SubmitAccepted = decoder_for(SubmitAccepted).decode(response.content)
+    except msgspec.DecodeError as exc:
+        raise errors.ProtocolError(f"submit answered an undecodable body: {exc}") from exc
+    if not accepted.operation_id:
+        raise errors.ProtocolError("submit was accepted without an operation_id")
+    if accepted.schema_version != OPERATION_SCHEMA_VERSION:
+        raise errors.ProtocolError(
+            f"unsupported operation schema_version {accepted.schema_version}"
+        )
+    return accepted.operation_id
+
+
+def _retry_after(response: Any) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return min(max(float(value), 0.0), 60.0)
+    except ValueError:
+        return None
+
+
+class OperationFuture(Generic[T]):
+    """The pending result of a submitted operation.
+
+    - ``fut.result(timeout=None)`` blocks (sync code);
+    - ``await fut`` or ``await fut.result_async(timeout=None)`` awaits (asyncio or trio);
+    - ``fut.done()`` says whether the result is already here, without I/O.
+
+    The result (or error) is retrieved once and memoised; concurrent waiters on one event loop
+    share a single long-poll. A future made by the sync API can be awaited in async code and
+    the other way round. A timeout raises :class:`~loops_async.errors.OperationTimeoutError`
+    and leaves the future usable: wait again to keep waiting.
+    """
+
+    __slots__ = (
+        "_endpoint",
+        "_error",
+        "_has_outcome",
+        "_inflight",
+        "_lock",
+        "_result",
+        "_result_type",
+        "_transform",
+        "operation_id",
+    )
+
+    def __init__(
+        self,
+        operation_id: str,
+        *,
+        endpoint: Endpoint,
+        result_type: type[T],
+        transform: Callable[[T], T] | None = None,
+    ) -> None:
+        self.operation_id = operation_id
+        """The server's id of this operation."""
+        self._endpoint = endpoint
+        self._result_type = result_type
+        self._transform = transform
+        self._lock = threading.Lock()
+        self._has_outcome = False
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self._inflight: dict[object, anyio.Event] = {}
+
+    def __repr__(self) -> str:
+        state = "done" if self._has_outcome else "pending"
+        return f"<OperationFuture {self.operation_id} {self._result_type.__name__} {state}>"
+
+    def done(self) -> bool:
+        """Whether the outcome has been retrieved (never does I/O)."""
+        return self._has_outcome
+
+    def _outcome(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+    def _settle(self, result: T | None, error: BaseException | None) -> None:
+        with self._lock:
+            if self._has_outcome:
+                return
+            self._result = result
+            self._error = error
+            self._has_outcome = True
+
+    async def _retrieve_once(self) -> None:
+        try:
+            result = await self._endpoint.retrieve(self.operation_id, self._result_type)
+            if self._transform is not None:
+                result = self._transform(result)
+        except (errors.RemoteOpError, errors.UnknownRequestError, errors.ProtocolError) as exc:
+            self._settle(None, exc)  # final: the operation failed or is gone
+        else:
+            self._settle(result, None)
+
+    async def _wait(self) -> T:
+        key = current_loop().native_token
+        while not self._has_outcome:
+            with self._lock:
+                event = self._inflight.get(key)
+                leader = event is None
+                if leader:
+                    event = self._inflight[key] = anyio.Event()
+            assert event is not None
+            if not leader:
+                await event.wait()  # the leader finished, failed or was cancelled: re-check
+                continue
+            try:
+                await self._retrieve_once()
+            finally:
+                with self._lock:
+                    del self._inflight[key]
+                event.set()
+        return self._outcome()
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        """Wait for the result on the current event loop; raise the operation's error.
+
+        Raises :class:`~loops_async.errors.OperationTimeoutError` after ``timeout`` seconds.
+        """
+        if self._has_outcome:
+            return self._outcome()
+        if timeout is None:
+            return await self._wait()
+        try:
+            with anyio.fail_after(timeout):
+                return await self._wait()
+        except TimeoutError:
+            if self._has_outcome:
+                return self._outcome()
+            raise errors.OperationTimeoutError(
+                f"operation {self.operation_id} not done after {timeout} s"
+            ) from None
+
+    def result(self, timeout: float | None = None) -> T:
+        """Block until the result is here and return it (raise the operation's error).
+
+        Raises :class:`~loops_async.errors.OperationTimeoutError` after ``timeout`` seconds,
+        and :class:`~loops_async.errors.SyncInAsyncContextError` inside an event loop.
+        """
+        if self._has_outcome:
+            return self._outcome()
+        return _portal.run(self.result_async, timeout, twin="result_async")
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.result_async().__await__()

@@ -1,0 +1,132 @@
+"""The process-wide blocking portal that runs the sync API's coroutines.
+
+One daemon thread, started on first use, runs an asyncio loop hosting an
+:class:`anyio.from_thread.BlockingPortal`. Every sync method is ``run(coroutine_fn, ...)`` on it,
+so the sync and async APIs share one implementation.
+
+- A sync call from a thread that runs an event loop (including the portal's own thread) raises
+  :class:`~loops_async.errors.SyncInAsyncContextError` naming the ``*_async`` twin.
+- ``KeyboardInterrupt`` (or any exception) while a sync call waits cancels the coroutine on the
+  portal before it propagates.
+- After ``os.fork()`` the child starts its own portal on first use; it never touches the
+  parent's thread or sockets.
+- The thread is a daemon and is stopped by an ``atexit`` hook with a bounded join, so it never
+  holds up interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import os
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import anyio.lowlevel
+from anyio.from_thread import BlockingPortal
+
+from .errors import SyncInAsyncContextError
+
+__all__ = ["ensure_sync_context", "get_portal", "run", "shutdown", "spawn"]
+
+T = TypeVar("T")
+
+_STOP_TIMEOUT = 5.0
+
+
+class _PortalThread:
+    def __init__(self) -> None:
+        self.ready: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+        self.thread = threading.Thread(target=self._main, name="loops-async-portal", daemon=True)
+        self.thread.start()
+        self.portal = self.ready.result()
+
+    def _main(self) -> None:
+        async def serve() -> None:
+            async with BlockingPortal() as portal:
+                self.ready.set_result(portal)
+                await portal.sleep_until_stopped()
+
+        try:
+            anyio.run(serve)
+        except BaseException as exc:  # pragma: no cover - reported to the starter
+            if not self.ready.done():
+                self.ready.set_exception(exc)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            try:
+                self.portal.call(self.portal.stop, True)
+            except Exception:  # pragma: no cover - the loop already went away
+                pass
+            self.thread.join(_STOP_TIMEOUT)
+
+
+_lock = threading.Lock()
+_current: _PortalThread | None = None
+
+
+def get_portal() -> BlockingPortal:
+    """The process-wide portal, started on first use."""
+    global _current
+    current = _current
+    if current is not None:
+        return current.portal
+    with _lock:
+        if _current is None:
+            _current = _PortalThread()
+        return _current.portal
+
+
+def shutdown() -> None:
+    """Stop the portal thread (it restarts on next use). Called at interpreter exit."""
+    global _current
+    with _lock:
+        current, _current = _current, None
+    if current is not None and threading.current_thread() is not current.thread:
+        current.stop()
+
+
+def _after_fork_in_child() -> None:
+    global _current, _lock
+    _current = None
+    _lock = threading.Lock()
+
+
+atexit.register(shutdown)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def ensure_sync_context(twin: str) -> None:
+    """Raise :class:`SyncInAsyncContextError` when called inside a running event loop."""
+    try:
+        anyio.lowlevel.current_token()
+    except anyio.NoEventLoopError:
+        return
+    raise SyncInAsyncContextError(
+        f"this is the blocking API and an event loop is running in this thread; "
+        f"use `await ...{twin}(...)` instead"
+    )
+
+
+def run(func: Callable[..., Awaitable[T]], *args: Any, twin: str) -> T:
+    """Run ``func(*args)`` on the portal and block for its result.
+
+    ``twin`` names the async method to suggest when called inside an event loop.
+    """
+    ensure_sync_context(twin)
+    future = get_portal().start_task_soon(func, *args)
+    try:
+        return future.result()
+    except BaseException:
+        # KeyboardInterrupt (or anything else) while waiting: cancel the coroutine too.
+        future.cancel()
+        raise
+
+
+def spawn(func: Callable[..., Awaitable[Any]], *args: Any) -> concurrent.futures.Future[Any]:
+    """Start ``func(*args)`` as a task on the portal's loop; cancel it with ``.cancel()``."""
+    return get_portal().start_task_soon(func, *args)

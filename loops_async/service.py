@@ -1,0 +1,401 @@
+"""``ServiceClient``: the entry point. Provisions trainers on a Loops control plane."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import httpx
+import msgspec
+
+from . import _portal, _validate, errors
+from ._codec import decoder_for, encode
+from ._http import Backoff, Transport, error_for_response
+from ._loop import current_loop, wake_soon
+from ._operation import Endpoint
+from ._wire import (
+    CreateSessionResponse,
+    CreateTrainerRequest,
+    CreateTrainerResponse,
+    DeploymentResponse,
+    RunInfo,
+)
+from .training import TrainingClient
+
+__all__ = ["ServiceClient"]
+
+T = TypeVar("T")
+log = logging.getLogger("loops_async")
+
+_TERMINAL_DEPLOYMENT_STATES = frozenset({"FAILED", "STOPPED", "PREEMPTED"})
+_TEAMS_PATH = "/v1/teams"
+
+
+class _BackgroundTask:
+    """A task a client owns: hosted in the ServiceClient's task group (``async with``) or on
+    the portal's loop. ``cancel()`` is thread-safe and never blocks."""
+
+    def __init__(self, cancel: Callable[[], None]) -> None:
+        self.cancel = cancel
+
+
+async def _run_in_scope(
+    scope: anyio.CancelScope, func: Callable[..., Awaitable[Any]], *args: Any
+) -> None:
+    with scope:
+        try:
+            await func(*args)
+        except errors.LoopsError:
+            log.warning("background task %r stopped", func, exc_info=True)
+
+
+class ServiceClient:
+    """Entry point of the Loops API: sessions and training runs.
+
+    ``base_url`` defaults to ``$LOOPS_BASE_URL`` and ``api_key`` to ``$BASETEN_API_KEY``
+    (sent as ``Authorization: Api-Key <key>``; never shown in reprs or logs). Constructing the
+    client does no I/O; the session is created on first use.
+
+    Sync code calls the plain methods; async code (asyncio or trio) awaits the ``*_async``
+    twins. ``close()``/``aclose()`` or a ``with``/``async with`` block release every connection
+    and background task; ``async with`` also keeps background work (heartbeats) on your loop.
+
+    Args:
+        base_url: the server, e.g. ``http://127.0.0.1:8700`` for ``loops-async serve``.
+        api_key: the API key, if the server needs one.
+        team: a team id or name; sessions, trainers and samplers are then created under
+            ``/v1/teams/<team_id>/loops``.
+        timeout: the default HTTP timeout in seconds (long-polls use their own).
+        ready_timeout: how long to wait for a trainer to become ready, and the bound on
+            retrying submits that fail transiently.
+        heartbeat_interval: seconds between a training client's ``/health`` pings (0: off).
+        max_connections: the HTTP connection pool size per event loop.
+        http_transport: a custom ``httpx.AsyncBaseTransport`` (tests, proxies).
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        team: str | None = None,
+        timeout: float = 60.0,
+        ready_timeout: float = 600.0,
+        heartbeat_interval: float = 60.0,
+        max_connections: int = 256,
+        http_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        url = base_url or os.environ.get("LOOPS_BASE_URL")
+        if not url:
+            raise errors.ValidationError(
+                "base_url: not given and LOOPS_BASE_URL is not set (for a local server run "
+                "`loops-async serve` and use http://127.0.0.1:8700)"
+            )
+        if not url.startswith(("http://", "https://")):
+            raise errors.ValidationError(f"base_url: expected an http(s) URL, got {url!r}")
+        if api_key is None:
+            api_key = os.environ.get("BASETEN_API_KEY") or None
+        self._base_url = url.rstrip("/")
+        self._has_key = bool(api_key)
+        self._team = team
+        self._team_id: str | None = None
+        self._ready_timeout = float(ready_timeout)
+        self._heartbeat_interval = float(heartbeat_interval)
+        self._transport = Transport(
+            api_key=api_key,
+            timeout=timeout,
+            max_connections=_validate.check_positive_int(max_connections, "max_connections"),
+            transport=http_transport,
+        )
+        self._session_id: str | None = None
+        self._lock = threading.Lock()
+        self._children: weakref.WeakSet[TrainingClient] = weakref.WeakSet()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._task_group_loop: anyio.lowlevel.EventLoopToken | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        key = " api_key=***" if self._has_key else ""
+        return f"<ServiceClient {self._base_url}{key}{' closed' if self._closed else ''}>"
+
+    @property
+    def base_url(self) -> str:
+        """The server's base URL."""
+        return self._base_url
+
+    # ------------------------------------------------------------------ control plane
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.ClientClosedError(f"{self!r} is closed")
+
+    async def _loops_root(self, team_scoped: bool) -> str:
+        if team_scoped and self._team is not None:
+            team_id = await self._resolve_team()
+            return f"{self._base_url}/v1/teams/{team_id}/loops"
+        return f"{self._base_url}/v1/loops"
+
+    async def _resolve_team(self) -> str:
+        if self._team_id is None:
+            body = await self._request_json("GET", f"{self._base_url}{_TEAMS_PATH}")
+            teams = body.get("teams", []) if isinstance(body, dict) else []
+            for team in teams:
+                if isinstance(team, dict) and self._team in (team.get("id"), team.get("name")):
+                    self._team_id = str(team["id"])
+                    break
+            else:
+                raise errors.ValidationError(f"team: no team with id or name {self._team!r}")
+        return self._team_id
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: object = None,
+        params: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """A control-plane request. GETs retry transport failures and 502/503/504; POSTs
+        retry only connections that never reached the server."""
+        content = None if body is None else encode(body)
+        backoff = Backoff()
+        deadline = anyio.current_time() + self._ready_timeout
+        while True:
+            failure: errors.LoopsError
+            try:
+                response = await self._transport.request(
+                    method, url, content=content, params=params
+                )
+            except errors.ConnectError as exc:
+                failure = exc
+            except errors.TransportError as exc:
+                if method != "GET":
+                    raise
+                failure = exc
+            else:
+                if response.status_code < 400:
+                    return response
+                failure = error_for_response(response)
+                if method != "GET" or response.status_code not in (502, 503, 504):
+                    raise failure
+            delay = backoff.next_delay()
+            if anyio.current_time() + delay > deadline:
+                raise failure
+            await anyio.sleep(delay)
+
+    async def _request_json(self, method: str, url: str, **kwargs: Any) -> Any:
+        response = await self._request(method, url, **kwargs)
+        try:
+            return msgspec.json.decode(response.content)
+        except msgspec.DecodeError as exc:
+            raise errors.ProtocolError(f"{method} {url} answered invalid JSON") from exc
+
+    async def _request_typed(self, method: str, url: str, result_type: type[T], **kw: Any) -> T:
+        response = await self._request(method, url, **kw)
+        try:
+            result: T = decoder_for(result_type).decode(response.content)
+        except msgspec.DecodeError as exc:
+            raise errors.ProtocolError(
+                f"{method} {url} answered an unexpected body: {exc}"
+            ) from exc
+        return result
+
+    async def _ensure_session(self) -> str:
+        if self._session_id is None:
+            root = await self._loops_root(team_scoped=True)
+            created = await self._request_typed(
+                "POST", f"{root}/sessions", CreateSessionResponse, body={}
+            )
+            with self._lock:
+                if self._session_id is None:
+                    self._session_id = created.session.id
+        return self._session_id
+
+    async def _wait_trainer_ready(self, endpoint: Endpoint, run: RunInfo) -> None:
+        """Poll ``GET {base_url}/health`` until 200; stop early if the deployment failed."""
+        deadline = anyio.current_time() + self._ready_timeout
+        backoff = Backoff(base=0.1, cap=2.0)
+        polls = 0
+        while True:
+            try:
+                response = await endpoint.get(
+                    "health", params={"base_model": run.base_model}, timeout=30.0
+                )
+            except errors.TransportError:
+                pass
+            else:
+                if response.status_code == 200:
+                    return
+                if response.status_code in (401, 403, 422):
+                    raise error_for_response(response)
+            polls += 1
+            if run.deployment_id and polls % 4 == 0:
+                await self._check_deployment(run.deployment_id)
+            delay = backoff.next_delay()
+            if anyio.current_time() + delay > deadline:
+                raise errors.OperationTimeoutError(
+                    f"trainer for run {run.id} not ready after {self._ready_timeout:g} s"
+                )
+            await anyio.sleep(delay)
+
+    async def _check_deployment(self, deployment_id: str) -> None:
+        url = f"{self._base_url}/v1/loops/deployments/{deployment_id}"
+        try:
+            status = await self._request_typed("GET", url, DeploymentResponse)
+        except (errors.APIStatusError, errors.ProtocolError, errors.TransportError):
+            return  # not every server offers the route; /health decides
+        name = status.deployment.status.name.upper()
+        if name in _TERMINAL_DEPLOYMENT_STATES:
+            raise errors.DeploymentError(f"deployment {deployment_id} is {name}")
+
+    def _trainer_endpoint(self, run: RunInfo) -> Endpoint:
+        return Endpoint(
+            self._transport,
+            run.base_url,
+            headers={"X-Run-Id": run.id},
+            ready_timeout=self._ready_timeout,
+        )
+
+    # ------------------------------------------------------------------ training clients
+
+    async def create_lora_training_client_async(
+        self,
+        base_model: str,
+        rank: int = 32,
+        *,
+        seed: int | None = None,
+        max_seq_len: int | None = None,
+        name: str | None = None,
+    ) -> TrainingClient:
+        """Async twin of :meth:`create_lora_training_client`."""
+        self._check_open()
+        if not isinstance(base_model, str) or not base_model:
+            raise errors.ValidationError(f"base_model: expected a model name, got {base_model!r}")
+        rank = _validate.check_positive_int(rank, "rank")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise errors.ValidationError(f"seed: expected an integer, got {seed!r}")
+        if max_seq_len is not None:
+            _validate.check_positive_int(max_seq_len, "max_seq_len")
+        session_id = await self._ensure_session()
+        root = await self._loops_root(team_scoped=True)
+        request = CreateTrainerRequest(
+            session_id=session_id,
+            base_model=base_model,
+            lora_rank=rank,
+            seed=seed,
+            max_seq_len=max_seq_len,
+            name=name,
+        )
+        created = await self._request_typed(
+            "POST", f"{root}/trainers", CreateTrainerResponse, body=request
+        )
+        run = created.run
+        endpoint = self._trainer_endpoint(run)
+        await self._wait_trainer_ready(endpoint, run)
+        client = TrainingClient(
+            service=self,
+            endpoint=endpoint,
+            run_id=run.id,
+            base_model=run.base_model or base_model,
+            lora_rank=rank,
+        )
+        init = await client.init_trainer_server_async(rank)
+        await init.result_async()
+        self._children.add(client)
+        client._start_heartbeat(self._heartbeat_interval)
+        return client
+
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        *,
+        seed: int | None = None,
+        max_seq_len: int | None = None,
+        name: str | None = None,
+    ) -> TrainingClient:
+        """Provision a trainer for a fresh LoRA adapter and return its client.
+
+        Creates the session on first use, ``POST /trainers``, waits until the trainer answers
+        ``/health`` (bounded by ``ready_timeout``), then runs ``init_trainer_server`` (seq 1).
+        """
+        return _portal.run(
+            self.create_lora_training_client_async,
+            base_model,
+            rank,
+            seed,
+            max_seq_len,
+            name,
+            twin="create_lora_training_client_async",
+        )
+
+    # ------------------------------------------------------------------ background tasks
+
+    def _spawn_background(self, func: Callable[..., Awaitable[Any]], *args: Any) -> _BackgroundTask:
+        """Run ``func(*args)`` until cancelled: in our task group when ``async with`` is active
+        on the calling loop, else on the portal."""
+        group, loop = self._task_group, self._task_group_loop
+        if group is not None and loop is not None:
+            try:
+                here = current_loop().native_token
+            except anyio.NoEventLoopError:
+                here = None
+            if here is loop.native_token:
+                scope = anyio.CancelScope()
+                group.start_soon(_run_in_scope, scope, func, *args)
+                return _BackgroundTask(lambda: wake_soon(loop, scope.cancel))
+        future = _portal.spawn(_run_in_scope, anyio.CancelScope(), func, *args)
+
+        def cancel() -> None:
+            future.cancel()
+
+        return _BackgroundTask(cancel)
+
+    # ------------------------------------------------------------------ lifetime
+
+    def _close_children(self) -> None:
+        self._closed = True
+        for child in list(self._children):
+            child.close()
+
+    async def aclose(self) -> None:
+        """Close every training client made by this client and every HTTP connection."""
+        self._close_children()
+        await self._transport.aclose()
+
+    def close(self) -> None:
+        """Blocking twin of :meth:`aclose`."""
+        _portal.ensure_sync_context("aclose")
+        self._close_children()
+        self._transport.close()
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> ServiceClient:
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._task_group, self._task_group_loop = group, current_loop()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        group, self._task_group = self._task_group, None
+        self._task_group_loop = None
+        try:
+            self._close_children()
+            if group is not None:
+                group.cancel_scope.cancel()
+                await group.__aexit__(*exc_info)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._transport.aclose()

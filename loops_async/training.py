@@ -1,0 +1,523 @@
+"""``TrainingClient``: one LoRA training run on a Loops trainer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import msgspec
+
+from . import _portal, _validate, errors
+from ._codec import encode
+from ._loop import ThreadSafeGate
+from ._operation import Endpoint, OperationFuture
+from ._wire import (
+    ForwardBackwardRequest,
+    InitTrainerServerRequest,
+    LoadStateRequest,
+    OpRequest,
+    OptimStepRequest,
+    SaveStateRequest,
+    SaveWeightsForSamplerRequest,
+)
+from .types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    InitTrainerServerResponse,
+    LoadWeightsResponse,
+    ModelData,
+    OptimStepResponse,
+    SaveWeightsForSamplerResponse,
+    SaveWeightsResponse,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from .service import ServiceClient, _BackgroundTask
+
+__all__ = ["TrainingClient"]
+
+T = TypeVar("T")
+log = logging.getLogger("loops_async")
+
+
+class TrainingClient:
+    """A LoRA training run: submit-and-retrieve operations on its trainer.
+
+    Made by :meth:`ServiceClient.create_lora_training_client` (or its ``_async`` twin). Every
+    long-running method submits at call time and returns an :class:`OperationFuture`; its
+    ``*_async`` twin takes the same arguments and, awaited, returns the same future. Calls get
+    a ``seq_id`` in call order, and the trainer runs them strictly in that order, so any number
+    may be in flight: queue ``forward_backward`` and ``optim_step`` back to back, then await.
+
+    The client sends a ``/health`` heartbeat every ``heartbeat_interval`` seconds while open.
+    ``close()`` / ``aclose()`` (or ``with`` / ``async with``) stop it.
+    """
+
+    def __init__(
+        self,
+        *,
+        service: ServiceClient,
+        endpoint: Endpoint,
+        run_id: str,
+        base_model: str,
+        lora_rank: int,
+    ) -> None:
+        self._service = service
+        self._endpoint = endpoint
+        self._run_id = run_id
+        self._base_model = base_model
+        self._lora_rank = lora_rank
+        self._gate = ThreadSafeGate(first=1)
+        self._policy_version = 0
+        self._closed = False
+        self._heartbeat: _BackgroundTask | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<TrainingClient run_id={self._run_id!r} base_model={self._base_model!r} "
+            f"lora_rank={self._lora_rank}{' closed' if self._closed else ''}>"
+        )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def run_id(self) -> str:
+        """The id of the training run (sent as ``X-Run-Id``)."""
+        return self._run_id
+
+    @property
+    def base_model(self) -> str:
+        """The base model being fine-tuned."""
+        return self._base_model
+
+    @property
+    def lora_rank(self) -> int:
+        """The LoRA rank of the adapter."""
+        return self._lora_rank
+
+    @property
+    def policy_version(self) -> int:
+        """The number of ``optim_step`` calls the trainer has applied, as last reported to this
+        client (by ``optim_step``, ``load_state*`` or ``init_trainer_server`` results)."""
+        return self._policy_version
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.ClientClosedError(f"{self!r} is closed")
+
+    def _prepare(self, build: Callable[[int], OpRequest]) -> tuple[int, bytes]:
+        """Reserve the next ``seq_id`` (in the caller's thread) and encode the body."""
+        self._check_open()
+        seq = self._gate.reserve()
+        try:
+            return seq, encode(build(seq))
+        except BaseException:
+            self._gate.release(seq)
+            raise
+
+    async def _submit(
+        self,
+        op: str,
+        seq: int,
+        body: bytes,
+        result_type: type[T],
+        transform: Callable[[T], T] | None,
+    ) -> OperationFuture[T]:
+        try:
+            await self._gate.wait_turn(seq)
+            operation_id = await self._endpoint.submit(op, body)
+        finally:
+            self._gate.release(seq)
+        return OperationFuture(
+            operation_id, endpoint=self._endpoint, result_type=result_type, transform=transform
+        )
+
+    def _call(
+        self,
+        twin: str,
+        op: str,
+        build: Callable[[int], OpRequest],
+        result_type: type[T],
+        transform: Callable[[T], T] | None = None,
+    ) -> OperationFuture[T]:
+        _portal.ensure_sync_context(twin)
+        seq, body = self._prepare(build)
+        try:
+            return _portal.run(self._submit, op, seq, body, result_type, transform, twin=twin)
+        except BaseException:
+            self._gate.release(seq)  # idempotent; covers a call that never started
+            raise
+
+    async def _call_async(
+        self,
+        op: str,
+        build: Callable[[int], OpRequest],
+        result_type: type[T],
+        transform: Callable[[T], T] | None = None,
+    ) -> OperationFuture[T]:
+        seq, body = self._prepare(build)
+        return await self._submit(op, seq, body, result_type, transform)
+
+    def _op_fields(self, seq: int) -> dict[str, Any]:
+        return {"seq_id": seq, "run_id": self._run_id, "model": self._base_model}
+
+    # ------------------------------------------------------------------ result hooks
+
+    def _after_init(self, result: InitTrainerServerResponse) -> InitTrainerServerResponse:
+        self._lora_rank = result.lora_rank
+        self._policy_version = result.step
+        return result
+
+    def _after_optim(self, result: OptimStepResponse) -> OptimStepResponse:
+        step = (result.metrics or {}).get("step")
+        if step is not None:
+            self._policy_version = max(self._policy_version, int(step))
+        return result
+
+    def _after_load(self, path: str) -> Callable[[LoadWeightsResponse], LoadWeightsResponse]:
+        def hook(result: LoadWeightsResponse) -> LoadWeightsResponse:
+            if result.step is not None:
+                self._policy_version = result.step
+            return msgspec.structs.replace(result, path=result.path or path)
+
+        return hook
+
+    # ------------------------------------------------------------------ request builders
+
+    def _init_builder(self, lora_rank: int | None) -> Callable[[int], OpRequest]:
+        rank = _validate.check_positive_int(
+            self._lora_rank if lora_rank is None else lora_rank, "lora_rank"
+        )
+        return lambda seq: InitTrainerServerRequest(
+            **self._op_fields(seq), lora_rank=rank, base_model=self._base_model
+        )
+
+    def _forward_builder(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str,
+        loss_fn_config: dict[str, Any] | None,
+        top_k_logprobs: int,
+    ) -> Callable[[int], OpRequest]:
+        loss_fn, loss_fn_config, top_k = _validate.check_loss_fn(
+            loss_fn, loss_fn_config, top_k_logprobs
+        )
+        datums = _validate.check_data(data, loss_fn)
+        return lambda seq: ForwardBackwardRequest(
+            **self._op_fields(seq),
+            data=datums,
+            loss_fn=loss_fn,
+            loss_fn_config=loss_fn_config,
+            top_k_logprobs=top_k,
+        )
+
+    def _optim_builder(self, adam_params: AdamParams) -> Callable[[int], OpRequest]:
+        params = _validate.check_adam_params(adam_params)
+        return lambda seq: OptimStepRequest(**self._op_fields(seq), adam_params=params)
+
+    def _save_builder(self, name: str, ttl_seconds: int | None) -> Callable[[int], OpRequest]:
+        name = _validate.check_checkpoint_name(name)
+        ttl = _validate.check_ttl(ttl_seconds)
+        return lambda seq: SaveStateRequest(**self._op_fields(seq), name=name, ttl_seconds=ttl)
+
+    def _publish_builder(
+        self, name: str, ttl_seconds: int | None, bump_version: bool
+    ) -> Callable[[int], OpRequest]:
+        name = _validate.check_checkpoint_name(name)
+        ttl = _validate.check_ttl(ttl_seconds)
+        return lambda seq: SaveWeightsForSamplerRequest(
+            **self._op_fields(seq), name=name, ttl_seconds=ttl, bump_version=bool(bump_version)
+        )
+
+    def _load_builder(self, path: str) -> Callable[[int], OpRequest]:
+        path = _validate.check_checkpoint_path(path)
+        return lambda seq: LoadStateRequest(**self._op_fields(seq), path=path)
+
+    # ------------------------------------------------------------------ operations
+
+    def init_trainer_server(
+        self, lora_rank: int | None = None
+    ) -> OperationFuture[InitTrainerServerResponse]:
+        """Start the run over with a fresh adapter (``POST /init_trainer_server``).
+
+        ``lora_rank`` defaults to the client's rank. The client calls this once (seq 1) when
+        it is created; calling it again resets the adapter, optimizer and step.
+        """
+        return self._call(
+            "init_trainer_server_async",
+            "init_trainer_server",
+            self._init_builder(lora_rank),
+            InitTrainerServerResponse,
+            self._after_init,
+        )
+
+    async def init_trainer_server_async(
+        self, lora_rank: int | None = None
+    ) -> OperationFuture[InitTrainerServerResponse]:
+        """Async twin of :meth:`init_trainer_server`."""
+        return await self._call_async(
+            "init_trainer_server",
+            self._init_builder(lora_rank),
+            InitTrainerServerResponse,
+            self._after_init,
+        )
+
+    def forward_backward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict[str, Any] | None = None,
+        *,
+        top_k_logprobs: int = 0,
+    ) -> OperationFuture[ForwardBackwardOutput]:
+        """Compute the loss on ``data`` and accumulate its gradient (``POST /forward_backward``).
+
+        Gradients accumulate across calls until :meth:`optim_step`. The future's result has
+        the mean loss per active token, per-datum ``logprobs`` and metrics.
+        """
+        return self._call(
+            "forward_backward_async",
+            "forward_backward",
+            self._forward_builder(data, loss_fn, loss_fn_config, top_k_logprobs),
+            ForwardBackwardOutput,
+        )
+
+    async def forward_backward_async(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict[str, Any] | None = None,
+        *,
+        top_k_logprobs: int = 0,
+    ) -> OperationFuture[ForwardBackwardOutput]:
+        """Async twin of :meth:`forward_backward`: returns once the server accepted it."""
+        return await self._call_async(
+            "forward_backward",
+            self._forward_builder(data, loss_fn, loss_fn_config, top_k_logprobs),
+            ForwardBackwardOutput,
+        )
+
+    def forward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict[str, Any] | None = None,
+        *,
+        top_k_logprobs: int = 0,
+    ) -> OperationFuture[ForwardBackwardOutput]:
+        """Compute the loss and logprobs on ``data`` without touching gradients
+        (``POST /forward``)."""
+        return self._call(
+            "forward_async",
+            "forward",
+            self._forward_builder(data, loss_fn, loss_fn_config, top_k_logprobs),
+            ForwardBackwardOutput,
+        )
+
+    async def forward_async(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: dict[str, Any] | None = None,
+        *,
+        top_k_logprobs: int = 0,
+    ) -> OperationFuture[ForwardBackwardOutput]:
+        """Async twin of :meth:`forward`."""
+        return await self._call_async(
+            "forward",
+            self._forward_builder(data, loss_fn, loss_fn_config, top_k_logprobs),
+            ForwardBackwardOutput,
+        )
+
+    def optim_step(self, adam_params: AdamParams) -> OperationFuture[OptimStepResponse]:
+        """Apply the accumulated gradient with Adam and clear it (``POST /optim_step``).
+
+        The result's metrics include ``step``, ``learning_rate`` and ``grad_norm``.
+        """
+        return self._call(
+            "optim_step_async",
+            "optim_step",
+            self._optim_builder(adam_params),
+            OptimStepResponse,
+            self._after_optim,
+        )
+
+    async def optim_step_async(self, adam_params: AdamParams) -> OperationFuture[OptimStepResponse]:
+        """Async twin of :meth:`optim_step`."""
+        return await self._call_async(
+            "optim_step", self._optim_builder(adam_params), OptimStepResponse, self._after_optim
+        )
+
+    def save_state(
+        self, name: str, ttl_seconds: int | None = None
+    ) -> OperationFuture[SaveWeightsResponse]:
+        """Save adapter and optimizer state as ``name`` (``POST /save_state``).
+
+        The result's ``path`` (``bt://loops:<run>/weights/<name>``) can be passed to
+        :meth:`load_state` / :meth:`load_state_with_optimizer`.
+        """
+        return self._call(
+            "save_state_async",
+            "save_state",
+            self._save_builder(name, ttl_seconds),
+            SaveWeightsResponse,
+        )
+
+    async def save_state_async(
+        self, name: str, ttl_seconds: int | None = None
+    ) -> OperationFuture[SaveWeightsResponse]:
+        """Async twin of :meth:`save_state`."""
+        return await self._call_async(
+            "save_state", self._save_builder(name, ttl_seconds), SaveWeightsResponse
+        )
+
+    def save_weights_for_sampler(
+        self, name: str, ttl_seconds: int | None = None, *, bump_version: bool = False
+    ) -> OperationFuture[SaveWeightsForSamplerResponse]:
+        """Publish the adapter (no optimizer state) as ``name`` for sampling
+        (``POST /save_weights_for_sampler``).
+
+        With ``bump_version=True`` the paired sampler hot-swaps to it. The result has the
+        ``.../sampler_weights/<name>`` path and the policy version at the time of the call.
+        """
+        return self._call(
+            "save_weights_for_sampler_async",
+            "save_weights_for_sampler",
+            self._publish_builder(name, ttl_seconds, bump_version),
+            SaveWeightsForSamplerResponse,
+        )
+
+    async def save_weights_for_sampler_async(
+        self, name: str, ttl_seconds: int | None = None, *, bump_version: bool = False
+    ) -> OperationFuture[SaveWeightsForSamplerResponse]:
+        """Async twin of :meth:`save_weights_for_sampler`."""
+        return await self._call_async(
+            "save_weights_for_sampler",
+            self._publish_builder(name, ttl_seconds, bump_version),
+            SaveWeightsForSamplerResponse,
+        )
+
+    def load_state(self, path: str) -> OperationFuture[LoadWeightsResponse]:
+        """Load adapter weights from a ``save_state`` path; the optimizer state and step reset
+        (``POST /load_state``)."""
+        return self._call(
+            "load_state_async",
+            "load_state",
+            self._load_builder(path),
+            LoadWeightsResponse,
+            self._after_load(path),
+        )
+
+    async def load_state_async(self, path: str) -> OperationFuture[LoadWeightsResponse]:
+        """Async twin of :meth:`load_state`."""
+        return await self._call_async(
+            "load_state", self._load_builder(path), LoadWeightsResponse, self._after_load(path)
+        )
+
+    def load_state_with_optimizer(self, path: str) -> OperationFuture[LoadWeightsResponse]:
+        """Load adapter weights, Adam moments and the step counter from a ``save_state`` path
+        (``POST /load_state_with_optimizer``), to resume training exactly."""
+        return self._call(
+            "load_state_with_optimizer_async",
+            "load_state_with_optimizer",
+            self._load_builder(path),
+            LoadWeightsResponse,
+            self._after_load(path),
+        )
+
+    async def load_state_with_optimizer_async(
+        self, path: str
+    ) -> OperationFuture[LoadWeightsResponse]:
+        """Async twin of :meth:`load_state_with_optimizer`."""
+        return await self._call_async(
+            "load_state_with_optimizer",
+            self._load_builder(path),
+            LoadWeightsResponse,
+            self._after_load(path),
+        )
+
+    # ------------------------------------------------------------------ plain calls
+
+    async def health_async(self) -> bool:
+        """Whether the trainer answers ``GET /health`` with 200."""
+        self._check_open()
+        try:
+            response = await self._endpoint.get(
+                "health", params={"base_model": self._base_model}, timeout=30.0
+            )
+        except errors.TransportError:
+            return False
+        return bool(response.status_code == 200)
+
+    def health(self) -> bool:
+        """Whether the trainer answers ``GET /health`` with 200 (blocking)."""
+        return _portal.run(self.health_async, twin="health_async")
+
+    def get_info(self) -> GetInfoResponse:
+        """What this client knows about its run (no I/O)."""
+        return GetInfoResponse(
+            model_id=self._run_id,
+            model_name=self._base_model,
+            lora_rank=self._lora_rank,
+            model_data=ModelData(model_name=self._base_model, tokenizer_id=self._base_model),
+            base_url=self._endpoint.base_url,
+        )
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The ``transformers`` tokenizer of the base model (built-in models work offline)."""
+        from .tokenizer import load_tokenizer
+
+        tokenizer: PreTrainedTokenizerBase = load_tokenizer(self._base_model)
+        return tokenizer
+
+    # ------------------------------------------------------------------ heartbeat & lifetime
+
+    async def _heartbeat_loop(self, interval: float) -> None:
+        while True:
+            await anyio.sleep(interval)
+            if not await self.health_async():
+                log.warning("trainer %s did not answer its heartbeat", self._run_id)
+
+    def _start_heartbeat(self, interval: float) -> None:
+        if interval > 0:
+            self._heartbeat = self._service._spawn_background(self._heartbeat_loop, interval)
+
+    def _mark_closed(self) -> _BackgroundTask | None:
+        self._closed = True
+        task, self._heartbeat = self._heartbeat, None
+        return task
+
+    async def aclose(self) -> None:
+        """Stop the heartbeat; later calls raise :class:`~loops_async.errors.ClientClosedError`.
+
+        The HTTP connections belong to the :class:`ServiceClient` and stay open for it.
+        """
+        task = self._mark_closed()
+        if task is not None:
+            task.cancel()
+
+    def close(self) -> None:
+        """Blocking twin of :meth:`aclose`."""
+        task = self._mark_closed()
+        if task is not None:
+            task.cancel()
+
+    def __enter__(self) -> TrainingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> TrainingClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
