@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import functools
 import os
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 from anyio.from_thread import BlockingPortal
 
+from ._loop import wake_soon
 from .errors import SyncInAsyncContextError
 
 __all__ = ["ensure_sync_context", "get_portal", "run", "shutdown", "spawn"]
@@ -37,6 +40,10 @@ _STOP_TIMEOUT = 5.0
 
 
 class _PortalThread:
+    task_group: anyio.abc.TaskGroup
+    """Hosts background tasks started from the portal's own thread."""
+    token: anyio.lowlevel.EventLoopToken
+
     def __init__(self) -> None:
         self.ready: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
         self.thread = threading.Thread(target=self._main, name="loops-async-portal", daemon=True)
@@ -45,9 +52,12 @@ class _PortalThread:
 
     def _main(self) -> None:
         async def serve() -> None:
-            async with BlockingPortal() as portal:
+            async with BlockingPortal() as portal, anyio.create_task_group() as group:
+                self.task_group = group
+                self.token = anyio.lowlevel.current_token()
                 self.ready.set_result(portal)
                 await portal.sleep_until_stopped()
+                group.cancel_scope.cancel()
 
         try:
             anyio.run(serve)
@@ -112,12 +122,14 @@ def ensure_sync_context(twin: str) -> None:
     )
 
 
-def run(func: Callable[..., Awaitable[T]], *args: Any, twin: str) -> T:
-    """Run ``func(*args)`` on the portal and block for its result.
+def run(func: Callable[..., Awaitable[T]], *args: Any, twin: str, **kwargs: Any) -> T:
+    """Run ``func(*args, **kwargs)`` on the portal and block for its result.
 
     ``twin`` names the async method to suggest when called inside an event loop.
     """
     ensure_sync_context(twin)
+    if kwargs:
+        func = functools.partial(func, **kwargs)
     future = get_portal().start_task_soon(func, *args)
     try:
         return future.result()
@@ -127,6 +139,27 @@ def run(func: Callable[..., Awaitable[T]], *args: Any, twin: str) -> T:
         raise
 
 
-def spawn(func: Callable[..., Awaitable[Any]], *args: Any) -> concurrent.futures.Future[Any]:
-    """Start ``func(*args)`` as a task on the portal's loop; cancel it with ``.cancel()``."""
-    return get_portal().start_task_soon(func, *args)
+def spawn(func: Callable[..., Awaitable[Any]], *args: Any) -> Callable[[], None]:
+    """Start ``func(*args)`` as a background task on the portal's loop, from any thread
+    (the portal's own included). Returns a thread-safe, non-blocking canceller."""
+    get_portal()
+    current = _current
+    assert current is not None
+    if threading.current_thread() is current.thread:
+        scope = anyio.CancelScope()
+        current.task_group.start_soon(_run_scoped, scope, func, *args)
+        token = current.token
+        return lambda: wake_soon(token, scope.cancel)
+    future = current.portal.start_task_soon(func, *args)
+
+    def cancel() -> None:
+        future.cancel()
+
+    return cancel
+
+
+async def _run_scoped(
+    scope: anyio.CancelScope, func: Callable[..., Awaitable[Any]], *args: Any
+) -> None:
+    with scope:
+        await func(*args)

@@ -330,9 +330,9 @@ class ServiceClient:
             self.create_lora_training_client_async,
             base_model,
             rank,
-            seed,
-            max_seq_len,
-            name,
+            seed=seed,
+            max_seq_len=max_seq_len,
+            name=name,
             twin="create_lora_training_client_async",
         )
 
@@ -351,12 +351,7 @@ class ServiceClient:
                 scope = anyio.CancelScope()
                 group.start_soon(_run_in_scope, scope, func, *args)
                 return _BackgroundTask(lambda: wake_soon(loop, scope.cancel))
-        future = _portal.spawn(_run_in_scope, anyio.CancelScope(), func, *args)
-
-        def cancel() -> None:
-            future.cancel()
-
-        return _BackgroundTask(cancel)
+        return _BackgroundTask(_portal.spawn(_run_in_scope, anyio.CancelScope(), func, *args))
 
     # ------------------------------------------------------------------ lifetime
 

@@ -177,7 +177,7 @@ def test_gate_wakes_a_waiter_on_another_loop() -> None:
         await gate.wait_turn(second)
         return "passed"
 
-    future = _portal.spawn(wait_second)
+    future = _portal.get_portal().start_task_soon(wait_second)
     time.sleep(0.05)
     assert not future.done()
     gate.release(first)  # from this thread, which runs no loop

@@ -1,0 +1,119 @@
+"""The ``loops-async`` command line.
+
+::
+
+    loops-async serve [--host 127.0.0.1] [--port 8700] [--data-dir DIR] [--backend torch|null]
+                      [--api-key KEY] [--seed N] [--log-level info]
+
+Settings not given as flags come from ``LOOPS_ASYNC_*`` environment variables
+(``LOOPS_ASYNC_API_KEY``, ``LOOPS_ASYNC_PORT``, ...; see
+:class:`~loops_async.server.ServerSettings`), then from the defaults. ``python -m loops_async``
+runs the same command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["main"]
+
+_Command = Callable[[argparse.Namespace], int]
+
+
+def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the local reference server",
+        description="Run the local Loops server (trainer + control plane) until interrupted. "
+        "Flags override LOOPS_ASYNC_* environment variables.",
+    )
+    p.add_argument("--host", help="interface to bind (default 127.0.0.1: local connections only)")
+    p.add_argument("--port", type=int, help="TCP port (default 8700; 0 = any free port)")
+    p.add_argument("--data-dir", help="where runs and checkpoints live (default ./.loops-data)")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "null"],
+        help="torch trains for real (default); null answers instantly (protocol only)",
+    )
+    p.add_argument(
+        "--api-key",
+        help="require 'Authorization: Api-Key <key>' on every request (prefer the "
+        "LOOPS_ASYNC_API_KEY environment variable: flags are visible in the process list)",
+    )
+    p.add_argument("--seed", type=int, help="default seed of new trainers (default 0)")
+    p.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="log level (default info)",
+    )
+    p.set_defaults(command=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .server.local import serve
+    from .server.settings import ServerSettings
+
+    try:
+        settings = ServerSettings.from_env(
+            host=args.host,
+            port=args.port,
+            data_dir=None if args.data_dir is None else Path(args.data_dir).expanduser(),
+            backend=args.backend,
+            api_key=args.api_key,
+            seed=args.seed,
+            log_level=args.log_level,
+        )
+    except ValueError as exc:
+        print(f"loops-async serve: {exc}", file=sys.stderr)
+        return 2
+    auth = "API key required" if settings.api_key else "no API key"
+    print(
+        f"loops-async: serving on http://{settings.host}:{settings.port} "
+        f"(backend {settings.backend}, data in {settings.data_dir}, {auth})",
+        file=sys.stderr,
+    )
+    serve(settings)
+    return 0
+
+
+# Each entry adds one subcommand (its parser sets ``command``). The ``demo`` subcommand is
+# added here, as ``_add_demo``, next to ``_add_serve``.
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_serve,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``loops-async``."""
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="loops-async", description="Loops training API client and local reference server."
+    )
+    parser.add_argument("--version", action="version", version=f"loops-async {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: _Command | None = getattr(args, "command", None)
+    if command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
