@@ -1,0 +1,248 @@
+"""Run the local server: in-process on a background thread (:class:`LocalServer`, for tests,
+examples and benchmarks) or in the foreground (:func:`serve`, for ``loops-async serve``)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from uvicorn.config import LOG_LEVELS, LOGGING_CONFIG
+
+from .app import create_app, get_state
+from .runs import ServerState
+from .settings import ServerSettings
+
+__all__ = ["LocalServer", "serve"]
+
+logger = logging.getLogger("loops_async.server")
+
+_GRACEFUL_SHUTDOWN_S = 5.0
+_START_TIMEOUT_S = 60.0
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn's server, telling the app first when it starts to shut down, so held long-polls
+    answer 503 at once instead of keeping the shutdown waiting for their hold to end."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._loops_state = state
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loops_state.begin_shutdown()
+        await super().shutdown(sockets=sockets)
+
+
+def _uvicorn_config(app: Starlette, settings: ServerSettings, *, quiet: bool) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        ws="none",
+        log_level=settings.log_level,
+        log_config=None if quiet else LOGGING_CONFIG,
+        access_log=not quiet,
+        timeout_graceful_shutdown=int(_GRACEFUL_SHUTDOWN_S),
+        server_header=False,
+    )
+
+
+def _configure_logging(level: str) -> None:
+    """Send the server's own log records (``loops_async.*``) to stderr like uvicorn's."""
+    pkg_logger = logging.getLogger("loops_async")
+    pkg_logger.setLevel(LOG_LEVELS[level])
+    if not pkg_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     [%(name)s] %(message)s"))
+        pkg_logger.addHandler(handler)
+
+
+def serve(settings: ServerSettings) -> None:
+    """Run the server in the foreground until interrupted (Ctrl-C / SIGTERM)."""
+    _configure_logging(settings.log_level)
+    app = create_app(settings)
+    server = _UvicornServer(_uvicorn_config(app, settings, quiet=False), get_state(app))
+    server.run()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say TCP, and
+    # without it every keep-alive response waits ~40 ms for a delayed ACK (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class LocalServer:
+    """The local reference server in this process, on a background thread.
+
+    ``LocalServer(**overrides)`` takes :class:`ServerSettings` fields (``backend="null"``,
+    ``poll_hold=1.0``, ``api_key="k"``, ...). Defaults differ from the CLI's: ``port=0`` (a free
+    port, chosen when the socket is bound) and a fresh temporary ``data_dir`` that is deleted on
+    :meth:`stop` (a ``data_dir`` you pass is kept).
+
+    Use it as a context manager (``with LocalServer(backend="null") as srv: ...``) or call
+    :meth:`start` / :meth:`stop`. ``url`` is the base URL (``http://127.0.0.1:54321``) and
+    ``state`` the live server state (runs, execution counters) for tests to read.
+    """
+
+    def __init__(self, **overrides: Any) -> None:
+        overrides.setdefault("port", 0)
+        overrides.setdefault("log_level", "warning")
+        self._temp_dir: Path | None = None
+        self._cleanup: weakref.finalize[Any, Any] | None = None
+        if overrides.get("data_dir") is None:
+            self._temp_dir = Path(tempfile.mkdtemp(prefix="loops-async-"))
+            overrides["data_dir"] = self._temp_dir
+            # Removed on stop(), or when this object is collected / at interpreter exit.
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._temp_dir, True)
+        try:
+            self.settings = ServerSettings(**overrides)
+        except BaseException:
+            self._remove_temp_dir()
+            raise
+        self._app: Starlette | None = None
+        self._server: _UvicornServer | None = None
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._port: int | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._startup_error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        where = self.url if self._port is not None else "not started"
+        return f"<LocalServer {where} backend={self.settings.backend}>"
+
+    # ----------------------------------------------------------------------- properties
+
+    @property
+    def url(self) -> str:
+        """The base URL, e.g. ``http://127.0.0.1:54321`` (after :meth:`start`)."""
+        if self._port is None:
+            raise RuntimeError("LocalServer is not started")
+        host = self.settings.host
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self._port}"
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (after :meth:`start`)."""
+        if self._port is None:
+            raise RuntimeError("LocalServer is not started")
+        return self._port
+
+    @property
+    def state(self) -> ServerState:
+        """The live server state: ``state.runs[run_id].executions["forward_backward"]``, ...
+        Read it; do not mutate it (it belongs to the server's event loop)."""
+        if self._app is None:
+            raise RuntimeError("LocalServer is not started")
+        return get_state(self._app)
+
+    @property
+    def data_dir(self) -> Path:
+        """The data directory in use."""
+        return self.settings.data_dir
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    def start(self, timeout: float = _START_TIMEOUT_S) -> LocalServer:
+        """Bind the socket, start uvicorn on a thread and wait until it serves. Returns self."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("a stopped LocalServer cannot be restarted; make a new one")
+            if self._thread is not None:
+                return self
+            sock = _bind(self.settings.host, self.settings.port)
+            self._sock = sock
+            self._port = int(sock.getsockname()[1])
+            app = create_app(self.settings)
+            self._app = app
+            server = _UvicornServer(_uvicorn_config(app, self.settings, quiet=True), get_state(app))
+            self._server = server
+
+            def run() -> None:
+                try:
+                    server.run(sockets=[sock])
+                except BaseException as exc:  # SystemExit on a failed lifespan startup
+                    self._startup_error = exc
+
+            thread = threading.Thread(
+                target=run, name=f"loops-async-server-{self._port}", daemon=True
+            )
+            self._thread = thread
+            thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive():
+                error = self._startup_error
+                self.stop()
+                raise RuntimeError(f"the local server failed to start: {error!r}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the local server did not start within {timeout} s")
+            time.sleep(0.005)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut down (pending long-polls answer 503), free the port and delete a temporary data
+        directory. Idempotent; bounded by ``timeout`` seconds (then the thread is abandoned)."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            server, thread, sock = self._server, self._thread, self._sock
+        if server is not None:
+            server.should_exit = True
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive() and server is not None:
+                server.force_exit = True
+                thread.join(2.0)
+            if thread.is_alive():
+                logger.warning("the local server thread did not stop within %.1f s", timeout)
+        if sock is not None:
+            sock.close()
+        self._remove_temp_dir()
+
+    def _remove_temp_dir(self) -> None:
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup = None
+        self._temp_dir = None
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,386 @@
+"""The operations store of one run: idempotent submits, strict ``seq_id`` order, long-polls.
+
+An :class:`OperationLog` belongs to one run and lives on the server's event loop (it is not
+thread-safe; nothing in it blocks). Its rules:
+
+- **Idempotency.** A submit carrying an ``Idempotency-Key`` the log has seen gets the operation
+  that key created (same id; it never runs twice). The operation id is the key itself when the key
+  is a sane string (1-128 characters of ``[A-Za-z0-9._:~-]``), else a generated hex id. Keys are
+  remembered as long as their operation is (see TTL below).
+- **Order.** Operations run one at a time, in increasing ``seq_id``. The executor
+  (:meth:`OperationLog.run`) runs ``next_seq`` as soon as it is admitted. When ``next_seq`` is
+  missing but a later one is queued, the executor waits up to ``seq_gap_timeout`` for it, then
+  skips the gap and runs the lowest queued ``seq_id`` (a client may burn a seq when a caller is
+  cancelled mid-submit).
+- **Admission.** A new (non-duplicate) submit is rejected (:class:`SubmitRejected`, a 422) when
+  its ``seq_id`` is below 1, below ``next_seq`` (already run or skipped), or already queued under
+  another key. Exception: ``init_trainer_server`` with ``seq_id`` 1 starts a new sequence once the
+  old one has begun: queued operations of the old sequence are cancelled and ``next_seq`` goes back
+  to 1 (an operation that is running finishes first).
+- **Retrieve.** :meth:`OperationLog.wait` holds a long-poll on an :class:`anyio.Event` (no thread)
+  until the operation finishes, the hold runs out, or the server shuts down.
+- **TTL.** A finished operation (and its key) is forgotten ``result_ttl`` seconds after it
+  finished; a retrieve then gets 404, like an unknown id.
+- **Cancel.** A queued operation can be cancelled (it never runs; its seq is passed over at once);
+  a running or finished one cannot.
+- **Errors.** :class:`~loops_async.server.backend.InvalidRequest` raised while running becomes
+  ``{"status": "error", "error_class": "ValidationError"}``; any other exception its class name.
+  The executor never dies of an operation's exception.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+import uuid
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+import msgspec
+
+from .backend import InvalidRequest
+
+__all__ = [
+    "CANCELLED_ERROR_CLASS",
+    "OpStatus",
+    "Operation",
+    "OperationLog",
+    "SubmitRejected",
+    "operation_id_for_key",
+]
+
+logger = logging.getLogger("loops_async.server")
+
+_SANE_KEY = re.compile(r"[A-Za-z0-9._:~-]{1,128}")
+_encoder = msgspec.json.Encoder()
+
+CANCELLED_ERROR_CLASS = "OperationCancelled"
+"""``error_class`` of an operation that was cancelled before it ran."""
+
+
+class SubmitRejected(InvalidRequest):
+    """A submit the log refuses (its ``seq_id`` is behind or taken): a 422."""
+
+
+class OpStatus(enum.Enum):
+    """Where an operation is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+_FINISHED = frozenset({OpStatus.DONE, OpStatus.ERROR, OpStatus.CANCELLED})
+
+
+@dataclass(eq=False)
+class Operation:
+    """One submitted operation."""
+
+    id: str
+    kind: str
+    """The op name (``forward_backward``, ``optim_step``, ...)."""
+    seq_id: int
+    request: Any
+    """The decoded request body."""
+    key: str | None
+    submitted_at: float
+    status: OpStatus = OpStatus.QUEUED
+    body: bytes | None = None
+    """The encoded 200 answer, once finished."""
+    error: str | None = None
+    error_class: str | None = None
+    finished_at: float | None = None
+    _wake: anyio.Event = field(default_factory=anyio.Event, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the operation is done, failed or cancelled (its answer is final)."""
+        return self.status in _FINISHED
+
+    def _finish(self, status: OpStatus, body: bytes, now: float) -> None:
+        self.status = status
+        self.body = body
+        self.finished_at = now
+        self.request = None  # results are kept an hour; request bodies need not be
+        self._wake.set()
+
+
+def operation_id_for_key(key: str | None) -> str | None:
+    """The operation id a key maps to (the key itself when sane), or None to generate one."""
+    if key is not None and _SANE_KEY.fullmatch(key) is not None:
+        return key
+    return None
+
+
+Execute = Callable[[Operation], Awaitable[Any]]
+"""Runs one operation and returns its result (a msgspec-encodable value)."""
+
+
+class OperationLog:
+    """The operations of one run (see the module docstring for the rules).
+
+    Args:
+        seq_gap_timeout: seconds to wait for a missing ``seq_id`` before skipping it.
+        result_ttl: seconds a finished operation is kept.
+        name: used in log messages (the run id).
+    """
+
+    def __init__(self, *, seq_gap_timeout: float, result_ttl: float, name: str = "") -> None:
+        self.seq_gap_timeout = seq_gap_timeout
+        self.result_ttl = result_ttl
+        self.name = name
+        self.executions: Counter[str] = Counter()
+        """How many times each op kind was executed (run on the backend)."""
+        self.history: deque[tuple[int, str, str]] = deque(maxlen=1000)
+        """``(seq_id, kind, operation_id)`` of the latest executions, oldest first."""
+        self.skipped_seqs: list[int] = []
+        """``seq_id`` values the executor gave up waiting for (most recent last, bounded)."""
+        self._ops: dict[str, Operation] = {}
+        self._by_key: dict[str, Operation] = {}
+        self._queued: dict[int, Operation] = {}
+        self._next_seq = 1
+        self._gap_since: float | None = None
+        self._changed = anyio.Event()
+        self._closed = False
+        self.running: Operation | None = None
+        """The operation being executed, if any."""
+
+    def __repr__(self) -> str:
+        return (
+            f"<OperationLog {self.name} next_seq={self._next_seq} queued={sorted(self._queued)} "
+            f"ops={len(self._ops)}>"
+        )
+
+    # ----------------------------------------------------------------------- inspection
+
+    @property
+    def next_seq(self) -> int:
+        """The ``seq_id`` the executor runs next."""
+        return self._next_seq
+
+    @property
+    def queued_seqs(self) -> list[int]:
+        """The ``seq_id`` values admitted and waiting to run, in order."""
+        return sorted(self._queued)
+
+    def __iter__(self) -> Iterator[Operation]:
+        return iter(list(self._ops.values()))
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _expired(self, op: Operation, now: float) -> bool:
+        return op.finished_at is not None and now - op.finished_at >= self.result_ttl
+
+    def _forget(self, op: Operation) -> None:
+        self._ops.pop(op.id, None)
+        if op.key is not None and self._by_key.get(op.key) is op:
+            del self._by_key[op.key]
+
+    def get(self, op_id: str) -> Operation | None:
+        """The operation with this id, or None if unknown or its result expired."""
+        op = self._ops.get(op_id)
+        if op is not None and self._expired(op, anyio.current_time()):
+            self._forget(op)
+            return None
+        return op
+
+    def find_key(self, key: str | None) -> Operation | None:
+        """The operation an ``Idempotency-Key`` created, or None (unseen, or expired)."""
+        if key is None:
+            return None
+        op = self._by_key.get(key)
+        if op is not None and self._expired(op, anyio.current_time()):
+            self._forget(op)
+            return None
+        return op
+
+    def sweep(self) -> int:
+        """Forget every operation whose result expired; returns how many."""
+        now = anyio.current_time()
+        stale = [op for op in self._ops.values() if self._expired(op, now)]
+        for op in stale:
+            self._forget(op)
+        return len(stale)
+
+    # ----------------------------------------------------------------------- submit
+
+    def check_seq(self, kind: str, seq_id: int) -> None:
+        """Raise :class:`SubmitRejected` if a new operation with ``seq_id`` cannot be admitted."""
+        if isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < 1:
+            raise SubmitRejected(f"seq_id: must be an integer >= 1, got {seq_id!r}")
+        if kind == "init_trainer_server" and seq_id == 1 and self._restarts_sequence():
+            return
+        if seq_id < self._next_seq:
+            raise SubmitRejected(
+                f"seq_id: {seq_id} is behind this run's sequence: seq_ids up to "
+                f"{self._next_seq - 1} were already executed or skipped (a new sequence starts "
+                "with init_trainer_server and seq_id 1)"
+            )
+        if seq_id in self._queued:
+            raise SubmitRejected(
+                f"seq_id: {seq_id} is already queued for this run under another Idempotency-Key"
+            )
+
+    def _restarts_sequence(self) -> bool:
+        return self._next_seq > 1 or (self.running is not None)
+
+    def admit(self, kind: str, seq_id: int, request: Any, key: str | None) -> Operation:
+        """Queue a new operation (call :meth:`find_key` first for duplicates, and
+        :meth:`check_seq`, which this repeats). Returns the queued operation."""
+        self.check_seq(kind, seq_id)
+        if self._closed:
+            raise RuntimeError("the operation log is closed")
+        now = anyio.current_time()
+        if kind == "init_trainer_server" and seq_id == 1 and self._restarts_sequence():
+            self._restart_sequence(now)
+        op_id = operation_id_for_key(key)
+        if op_id is None or op_id in self._ops:
+            op_id = uuid.uuid4().hex
+        op = Operation(
+            id=op_id, kind=kind, seq_id=seq_id, request=request, key=key, submitted_at=now
+        )
+        self._ops[op_id] = op
+        if key is not None:
+            self._by_key[key] = op
+        self._queued[seq_id] = op
+        self._notify()
+        return op
+
+    def _restart_sequence(self, now: float) -> None:
+        stale = list(self._queued.values())
+        self._queued.clear()
+        for op in stale:
+            self._cancel_op(
+                op, "superseded: init_trainer_server with seq_id 1 started a new sequence", now
+            )
+        if stale:
+            logger.info(
+                "run %s: new sequence; cancelled queued seq_ids %s",
+                self.name,
+                [o.seq_id for o in stale],
+            )
+        self._next_seq = 1
+        self._gap_since = None
+
+    # ----------------------------------------------------------------------- cancel
+
+    def _cancel_op(self, op: Operation, reason: str, now: float) -> None:
+        body = _encoder.encode(
+            {"status": "error", "error": reason, "error_class": CANCELLED_ERROR_CLASS}
+        )
+        op.error = reason
+        op.error_class = CANCELLED_ERROR_CLASS
+        op._finish(OpStatus.CANCELLED, body, now)
+
+    def cancel(self, op_id: str) -> Literal["cancelled", "running", "done"] | None:
+        """Cancel a queued operation. Returns ``"cancelled"`` (now or before), ``"running"`` or
+        ``"done"`` (too late: the operation ran or is running), or None for an unknown id."""
+        op = self.get(op_id)
+        if op is None:
+            return None
+        if op.status is OpStatus.CANCELLED:
+            return "cancelled"
+        if op.status is OpStatus.RUNNING:
+            return "running"
+        if op.finished:
+            return "done"
+        # Keep it queued (marked cancelled) so the executor passes over its seq at once
+        # instead of waiting for a gap.
+        self._cancel_op(op, "cancelled by request", anyio.current_time())
+        self._notify()
+        return "cancelled"
+
+    # ----------------------------------------------------------------------- retrieve
+
+    async def wait(self, op: Operation, hold: float) -> bool:
+        """Wait up to ``hold`` seconds for ``op`` to finish (or the log to close); returns
+        whether it finished. Costs no thread."""
+        if not op.finished and not self._closed:
+            with anyio.move_on_after(hold):
+                await op._wake.wait()
+        return op.finished
+
+    def close(self) -> None:
+        """Shut down: wake every waiting long-poll (they answer 503); refuse new submits."""
+        self._closed = True
+        for op in self._ops.values():
+            op._wake.set()
+        self._notify()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    # ----------------------------------------------------------------------- executor
+
+    async def run(self, execute: Execute) -> None:
+        """The executor: run queued operations in ``seq_id`` order, forever (until cancelled
+        or closed). ``execute`` runs one operation and returns its result."""
+        while not self._closed:
+            op = self._queued.pop(self._next_seq, None)
+            if op is not None:
+                self._next_seq += 1
+                self._gap_since = None
+                if op.status is OpStatus.QUEUED:
+                    await self._execute(op, execute)
+                continue
+            changed = self._changed
+            if not self._queued:
+                self._gap_since = None
+                await changed.wait()
+                continue
+            now = anyio.current_time()
+            if self._gap_since is None:
+                self._gap_since = now
+            remaining = self._gap_since + self.seq_gap_timeout - now
+            if remaining > 0:
+                with anyio.move_on_after(remaining):
+                    await changed.wait()
+                continue
+            lowest = min(self._queued)
+            missing = list(range(self._next_seq, lowest))
+            logger.warning(
+                "run %s: seq_id %s never arrived within %.1f s; skipping to %d",
+                self.name,
+                missing[0] if len(missing) == 1 else f"{missing[0]}..{missing[-1]}",
+                self.seq_gap_timeout,
+                lowest,
+            )
+            self.skipped_seqs.extend(missing)
+            del self.skipped_seqs[:-1000]
+            self._next_seq = lowest
+            self._gap_since = None
+
+    async def _execute(self, op: Operation, execute: Execute) -> None:
+        op.status = OpStatus.RUNNING
+        self.running = op
+        self.executions[op.kind] += 1
+        self.history.append((op.seq_id, op.kind, op.id))
+        try:
+            result = await execute(op)
+            body = _encoder.encode({"status": "done", "result": result})
+        except InvalidRequest as exc:
+            self._fail(op, str(exc) or type(exc).__name__, "ValidationError")
+        except Exception as exc:
+            logger.exception("run %s: operation %s (%s) failed", self.name, op.id, op.kind)
+            self._fail(op, str(exc) or type(exc).__name__, type(exc).__name__)
+        else:
+            op._finish(OpStatus.DONE, body, anyio.current_time())
+        finally:
+            self.running = None
+
+    def _fail(self, op: Operation, message: str, error_class: str) -> None:
+        op.error = message
+        op.error_class = error_class
+        body = _encoder.encode({"status": "error", "error": message, "error_class": error_class})
+        op._finish(OpStatus.ERROR, body, anyio.current_time())

@@ -1,0 +1,123 @@
+"""Settings of the local reference server.
+
+:class:`ServerSettings` is a frozen dataclass; the CLI and :class:`~loops_async.server.LocalServer`
+build one from keyword overrides and, for the CLI, from ``LOOPS_ASYNC_*`` environment variables
+(:meth:`ServerSettings.from_env`). The API key is never shown in ``repr``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+__all__ = ["DEFAULT_DATA_DIR", "LOG_LEVELS", "BackendName", "ServerSettings"]
+
+BackendName = Literal["torch", "null"]
+"""The training backends the server can run: ``torch`` (real training) or ``null`` (instant
+synthetic results of the right shapes, for client benchmarks)."""
+
+DEFAULT_DATA_DIR = Path(".loops-data")
+"""Where ``loops-async serve`` keeps runs and checkpoints unless told otherwise."""
+
+_ENV_PREFIX = "LOOPS_ASYNC_"
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+"""The accepted ``log_level`` names (uvicorn's)."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the local server can be configured with.
+
+    Attributes are validated on construction (``ValueError`` naming the field).
+    """
+
+    host: str = "127.0.0.1"
+    """Interface to bind. The default accepts local connections only."""
+    port: int = 8700
+    """TCP port; 0 picks a free one."""
+    data_dir: Path = DEFAULT_DATA_DIR
+    """Root of ``runs/<run_id>/weights|sampler_weights/<name>/`` checkpoint directories."""
+    backend: BackendName = "torch"
+    """``torch`` trains for real; ``null`` answers instantly (protocol only)."""
+    api_key: str | None = field(default=None, repr=False)
+    """When set, every request must carry ``Authorization: Api-Key <key>`` (never shown)."""
+    poll_hold: float = 30.0
+    """Seconds a retrieve (long-poll) is held before it answers 408."""
+    result_ttl: float = 3600.0
+    """Seconds an operation's result is kept after it finished; later retrieves get 404."""
+    seq_gap_timeout: float = 5.0
+    """Seconds the run executor waits for a missing ``seq_id`` before skipping it."""
+    max_body_bytes: int = 64 * 1024 * 1024
+    """Largest request body accepted; larger ones get 413 without being read."""
+    seed: int = 0
+    """Default seed of new trainers (a ``POST /trainers`` body may override it)."""
+    null_delay: float = 0.0
+    """Test knob: seconds every ``null``-backend operation takes (0 = instant)."""
+    log_level: str = "info"
+    """Log level of the server's loggers (uvicorn's names: debug, info, warning, ...)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.backend not in get_args(BackendName):
+            raise ValueError(
+                f"backend: must be one of {get_args(BackendName)}, got {self.backend!r}"
+            )
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be an integer in 0..65535, got {self.port!r}")
+        if not self.host:
+            raise ValueError("host: must not be empty")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key: must not be empty (use None for no key)")
+        for name in ("poll_hold", "result_ttl", "seq_gap_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name}: must be a positive number of seconds, got {value!r}")
+        if not isinstance(self.null_delay, int | float) or not 0 <= self.null_delay < math.inf:
+            raise ValueError(f"null_delay: must be >= 0 seconds, got {self.null_delay!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level: must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
+            raise ValueError(
+                f"max_body_bytes: must be a positive integer, got {self.max_body_bytes!r}"
+            )
+
+    def replace(self, **changes: Any) -> ServerSettings:
+        """A copy with ``changes`` applied (and validated)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServerSettings:
+        """Settings from ``LOOPS_ASYNC_<FIELD>`` variables (``LOOPS_ASYNC_PORT``,
+        ``LOOPS_ASYNC_API_KEY``, ...), then ``overrides`` (None values are ignored)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(_ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse_env(f.name, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+_INT_FIELDS = frozenset({"port", "max_body_bytes", "seed"})
+_FLOAT_FIELDS = frozenset({"poll_hold", "result_ttl", "seq_gap_timeout", "null_delay"})
+
+
+def _parse_env(name: str, raw: str) -> Any:
+    var = _ENV_PREFIX + name.upper()
+    try:
+        if name in _INT_FIELDS:
+            return int(raw)
+        if name in _FLOAT_FIELDS:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{var}: not a number: {raw!r}") from None
+    if name == "data_dir":
+        return Path(raw).expanduser()
+    return raw
