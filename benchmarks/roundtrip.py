@@ -7,10 +7,10 @@ them alike:
 - ``async``  ``await (await training.forward_backward_async(data))``;
 - ``sync``   ``training.forward_backward(data).result()`` (through the portal thread).
 
-Prints the median time per round trip and the ratios client/httpx (targets: async <= 1.5,
-sync <= 2.0).
+The async contenders run on asyncio and on trio. Prints the median time per round trip and the
+ratios client/httpx (targets: async <= 1.5, sync <= 2.0).
 
-    python benchmarks/roundtrip.py [--ops 200] [--rounds 7]
+    python benchmarks/roundtrip.py [--ops 200] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import statistics
 import time
 import uuid
+from collections import defaultdict
 
 import anyio
 import httpx
@@ -49,7 +50,9 @@ class BareHttpx:
         for _ in range(ops):
             self.seq += 1
             body = encode(
-                ForwardBackwardRequest(seq_id=self.seq, run_id=self.run_id, model=MODEL, data=[DATUM])
+                ForwardBackwardRequest(
+                    seq_id=self.seq, run_id=self.run_id, model=MODEL, data=[DATUM]
+                )
             )
             submit = await client.post(
                 f"{self.base}/forward_backward",
@@ -79,44 +82,47 @@ def sync_client(training: TrainingClient, ops: int) -> float:
     return (time.perf_counter() - start) / ops
 
 
+async def async_round(url: str, ops: int, results: dict[str, list[float]], loop: str) -> None:
+    """One round of the bare-httpx baseline and the async client, on the current loop."""
+    async with ServiceClient(url, heartbeat_interval=0) as service:
+        training = await service.create_lora_training_client_async(MODEL, rank=8)
+        bare = BareHttpx(await service.create_lora_training_client_async(MODEL, rank=8))
+        async with httpx.AsyncClient(headers={"X-Run-Id": bare.run_id}, timeout=60) as client:
+            await bare.run(client, 10)  # warm up both
+            await async_client(training, 10)
+            results[f"httpx/{loop}"].append(await bare.run(client, ops))
+            results[f"async/{loop}"].append(await async_client(training, ops))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", type=int, default=200, help="round trips per contender per round")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
-    with LocalServer(backend="null", log_level="warning") as server:
-        # Each contender gets its own run so their seq_ids never interleave.
-        with ServiceClient(server.url, heartbeat_interval=0) as sync_service:
-            sync_training = sync_service.create_lora_training_client(MODEL, rank=8)
-
-            async def async_part(
-                results: dict[str, list[float]], round_index: int
-            ) -> None:
-                async with ServiceClient(server.url, heartbeat_interval=0) as service:
-                    training = await service.create_lora_training_client_async(MODEL, rank=8)
-                    bare_training = await service.create_lora_training_client_async(MODEL, rank=8)
-                    bare = BareHttpx(bare_training)
-                    headers = {"X-Run-Id": bare.run_id}
-                    async with httpx.AsyncClient(headers=headers, timeout=60) as client:
-                        await bare.run(client, 10)  # warm up both
-                        await async_client(training, 10)
-                        for _ in range(round_index):
-                            results["httpx"].append(await bare.run(client, args.ops))
-                            results["async"].append(await async_client(training, args.ops))
-
-            results: dict[str, list[float]] = {"httpx": [], "async": [], "sync": []}
-            sync_client(sync_training, 10)
-            for _ in range(args.rounds):
-                anyio.run(async_part, results, 1)
-                results["sync"].append(sync_client(sync_training, args.ops))
+    results: dict[str, list[float]] = defaultdict(list)
+    # Each contender gets its own run so their seq_ids never interleave.
+    with (
+        LocalServer(backend="null", log_level="warning") as server,
+        ServiceClient(server.url, heartbeat_interval=0) as sync_service,
+    ):
+        sync_training = sync_service.create_lora_training_client(MODEL, rank=8)
+        sync_client(sync_training, 10)
+        for _ in range(args.rounds):
+            for loop in ("asyncio", "trio"):
+                anyio.run(async_round, server.url, args.ops, results, loop, backend=loop)
+            results["sync"].append(sync_client(sync_training, args.ops))
 
     med = {name: statistics.median(times) for name, times in results.items()}
-    print(f"round trips: {args.ops} x {args.rounds} rounds per contender (null backend)")
-    for name in ("httpx", "async", "sync"):
-        print(f"  {name:>6}: {med[name] * 1e6:8.1f} us per submit+result")
-    print(f"  ratio async/httpx = {med['async'] / med['httpx']:.2f}  (target <= 1.5)")
-    print(f"  ratio  sync/httpx = {med['sync'] / med['httpx']:.2f}  (target <= 2.0)")
+    print(f"{args.ops} round trips x {args.rounds} rounds per contender (null backend)")
+    for name in sorted(med):
+        print(f"  {name:>14}: {med[name] * 1e6:8.1f} us per submit+result")
+    for loop in ("asyncio", "trio"):
+        ratio = med[f"async/{loop}"] / med[f"httpx/{loop}"]
+        print(f"  ratio async/httpx on {loop:<7} = {ratio:.2f}  (target <= 1.5)")
+    print(
+        f"  ratio sync/httpx (asyncio)    = {med['sync'] / med['httpx/asyncio']:.2f}  (target <= 2.0)"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 
     loops-async serve [--host 127.0.0.1] [--port 8700] [--data-dir DIR] [--backend torch|null]
                       [--api-key KEY] [--seed N] [--log-level info]
+    loops-async demo  [--steps 30] [--seed 0] [--server URL]
 
 Settings not given as flags come from ``LOOPS_ASYNC_*`` environment variables
 (``LOOPS_ASYNC_API_KEY``, ``LOOPS_ASYNC_PORT``, ...; see
@@ -80,10 +81,22 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# Each entry adds one subcommand (its parser sets ``command``). The ``demo`` subcommand is
-# added here, as ``_add_demo``, next to ``_add_serve``.
+def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from . import demo
+
+    p = subparsers.add_parser(
+        "demo",
+        help="train the built-in model on an embedded server and print the loss",
+        description=demo.__doc__,
+    )
+    demo.add_arguments(p)
+    p.set_defaults(command=demo.run_from_args)
+
+
+# Each entry adds one subcommand (its parser sets ``command``).
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_serve,
+    _add_demo,
 ]
 
 

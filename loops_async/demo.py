@@ -13,7 +13,8 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 from .service import ServiceClient
 from .types import AdamParams, Datum, ModelInput, TensorData
@@ -42,11 +43,10 @@ def build_datums(tokenizer_model: str = MODEL) -> list[Datum]:
     tok = load_tokenizer(tokenizer_model)
     data = []
     for prompt, answer in TASKS:
-        prompt_ids = list(
-            tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True
-            )["input_ids"]
+        encoded: Any = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True
         )
+        prompt_ids: list[int] = list(encoded["input_ids"])
         answer_ids = [*tok.encode(answer, add_special_tokens=False), tok.eos_token_id]
         tokens = prompt_ids + answer_ids
         weights = [0.0] * (len(prompt_ids) - 1) + [1.0] * len(answer_ids)
@@ -63,15 +63,24 @@ def build_datums(tokenizer_model: str = MODEL) -> list[Datum]:
 
 
 def run_demo(
-    *, steps: int = 30, seed: int = 0, server: str | None = None, out: TextIO = sys.stdout
+    *,
+    steps: int = 30,
+    seed: int = 0,
+    server: str | None = None,
+    data_dir: Path = Path("demo-output"),
+    out: TextIO | None = None,
 ) -> list[float]:
-    """Run the demo; returns the loss per step."""
+    """Run the demo; returns the loss per step. An embedded server keeps its checkpoints in
+    ``data_dir``."""
+    out = sys.stdout if out is None else out
+    server_dir: Path | None = None
     with ExitStack() as stack:
         if server is None:
+            server_dir = data_dir
             from .server import LocalServer
 
             print("starting the embedded local server (torch backend) ...", file=out)
-            local = stack.enter_context(LocalServer(backend="torch", seed=seed))
+            local = stack.enter_context(LocalServer(backend="torch", seed=seed, data_dir=data_dir))
             server = local.url
         print(f"server: {server}", file=out)
         service = stack.enter_context(ServiceClient(base_url=server))
@@ -100,6 +109,8 @@ def run_demo(
             file=out,
         )
         print(f"checkpoint saved: {saved.path}", file=out)
+        if server_dir is not None:
+            print(f"  on disk under {server_dir.resolve()}", file=out)
         return losses
 
 
@@ -118,6 +129,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server", default=None, help="URL of a running Loops server (default: embedded)"
     )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("demo-output"),
+        help="where the embedded server keeps checkpoints (default ./demo-output)",
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -125,5 +142,5 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.steps < 1:
         print("--steps must be at least 1", file=sys.stderr)
         return 2
-    losses = run_demo(steps=args.steps, seed=args.seed, server=args.server)
+    losses = run_demo(steps=args.steps, seed=args.seed, server=args.server, data_dir=args.data_dir)
     return 0 if losses[-1] < losses[0] else 1

@@ -87,7 +87,8 @@ class TensorData(msgspec.Struct, kw_only=True):
     NaN. ``shape`` defaults to ``[len(data)]``.
     """
 
-    data: list[bool | int | float | None]
+    data: Sequence[bool | int | float | None]
+    """Flat values (a list once decoded; any sequence when built by hand)."""
     dtype: str
     shape: list[int] | None = None
 

@@ -29,7 +29,7 @@ def chat_tokens(prompt: str, answer: str) -> tuple[list[int], int]:
     prompt_ids = tok.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True
     )["input_ids"]
-    answer_ids = tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id]
+    answer_ids = [*tok.encode(answer, add_special_tokens=False), tok.eos_token_id]
     return [*prompt_ids, *answer_ids], len(prompt_ids)
 
 

@@ -11,6 +11,7 @@ import threading
 import time
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from loops_async import SyncInAsyncContextError, _portal
@@ -20,7 +21,7 @@ from loops_async._loop import ThreadSafeGate
 
 
 async def _answer(x: int) -> int:
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
     return x * 2
 
 
