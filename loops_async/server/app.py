@@ -59,13 +59,12 @@ from .operations import Operation
 from .runs import OP_REQUEST_TYPES, Run, ServerState, Session, new_id
 from .settings import ServerSettings
 from .storage import CheckpointRef, validate_name
-from .validation import validate_adam_params, validate_forward_request
+from .validation import validate_adam_params, validate_forward_request, validate_lora_rank
 
-__all__ = ["MAX_LORA_RANK", "create_app", "get_state"]
+__all__ = ["create_app", "get_state"]
 
 logger = logging.getLogger("loops_async.server")
 
-MAX_LORA_RANK = 256
 """The largest ``lora_rank`` the server accepts."""
 
 _LARGE_BODY = 1 << 20
@@ -266,21 +265,9 @@ async def _offload(size: int, fn: Callable[[], T]) -> T:
     return fn()
 
 
-def _check_adam(params: Any) -> None:
-    validate_adam_params(params)
-    if not params.eps > 0:
-        raise InvalidRequest(f"adam_params.eps: must be > 0, got {params.eps!r}")
-
-
 def _check_ttl(ttl: object) -> None:
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1):
         raise InvalidRequest(f"ttl_seconds: must be a positive integer or null, got {ttl!r}")
-
-
-def _check_rank(rank: object) -> int:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
-        raise InvalidRequest(f"lora_rank: must be an integer in 1..{MAX_LORA_RANK}, got {rank!r}")
-    return rank
 
 
 # --------------------------------------------------------------------------- handlers
@@ -372,7 +359,8 @@ class _Handlers:
             raise InvalidRequest(
                 f"base_model: cannot read the model directory {req.base_model!r}: {exc!r}"
             ) from None
-        rank = _check_rank(req.lora_rank)
+        validate_lora_rank(req.lora_rank)
+        rank = req.lora_rank
         if isinstance(req.replicas, bool) or req.replicas < 1:
             raise InvalidRequest(f"replicas: must be >= 1, got {req.replicas!r}")
         if req.base_checkpoint is not None:
@@ -511,7 +499,7 @@ class _Handlers:
             )
         run.ops.check_seq(kind, req.seq_id)
         if isinstance(req, InitTrainerServerRequest):
-            _check_rank(req.lora_rank)
+            validate_lora_rank(req.lora_rank)
             if req.base_model != run.base_model:
                 raise InvalidRequest(
                     f"base_model: {req.base_model!r} is not this run's base model "
@@ -525,7 +513,7 @@ class _Handlers:
         elif isinstance(req, ForwardBackwardRequest):
             validate_forward_request(req, run.spec)
         elif isinstance(req, OptimStepRequest):
-            _check_adam(req.adam_params)
+            validate_adam_params(req.adam_params)
         elif isinstance(req, SaveStateRequest | SaveWeightsForSamplerRequest):
             validate_name(req.name, "name")
             _check_ttl(req.ttl_seconds)

@@ -60,7 +60,7 @@ IGNORE_INDEX = -100
 MAX_TOP_K_LOGPROBS = 20
 """The largest ``top_k_logprobs`` a request may ask for."""
 
-MAX_LORA_RANK = 512
+MAX_LORA_RANK = 256
 """The largest LoRA rank the local trainer accepts."""
 
 KNOWN_DTYPES: tuple[str, ...] = (
