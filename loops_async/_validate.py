@@ -22,6 +22,7 @@ from .types import (
 )
 
 __all__ = [
+    "adam_params_problem",
     "check_adam_params",
     "check_checkpoint_name",
     "check_checkpoint_path",
@@ -146,21 +147,33 @@ def check_loss_fn(
     return loss_fn, loss_fn_config, top_k_logprobs
 
 
+def adam_params_problem(params: AdamParams) -> str | None:
+    """What is wrong with optimizer settings Adam cannot use, naming the field; or None.
+
+    Shared by the client (``ValidationError``) and the local server (422)."""
+    rules: list[tuple[str, float, bool, str]] = [
+        ("learning_rate", params.learning_rate, params.learning_rate >= 0, ">= 0"),
+        ("beta1", params.beta1, 0 <= params.beta1 < 1, "in [0, 1)"),
+        ("beta2", params.beta2, 0 <= params.beta2 < 1, "in [0, 1)"),
+        ("eps", params.eps, params.eps > 0, "> 0"),
+        ("weight_decay", params.weight_decay, params.weight_decay >= 0, ">= 0"),
+        ("grad_clip_norm", params.grad_clip_norm, params.grad_clip_norm >= 0, ">= 0"),
+    ]
+    for name, value, ok, rule in rules:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"adam_params.{name}: expected a number, got {value!r}"
+        if not math.isfinite(value) or not ok:
+            return f"adam_params.{name}: must be {rule} and finite, got {value!r}"
+    return None
+
+
 def check_adam_params(params: object) -> AdamParams:
     """Finite, in-range optimizer settings."""
     if not isinstance(params, AdamParams):
         raise ValidationError(f"adam_params: expected AdamParams, got {type(params).__name__}")
-    rules: list[tuple[str, float, bool]] = [
-        ("learning_rate", params.learning_rate, params.learning_rate >= 0),
-        ("beta1", params.beta1, 0 <= params.beta1 < 1),
-        ("beta2", params.beta2, 0 <= params.beta2 < 1),
-        ("eps", params.eps, params.eps > 0),
-        ("weight_decay", params.weight_decay, params.weight_decay >= 0),
-        ("grad_clip_norm", params.grad_clip_norm, params.grad_clip_norm >= 0),
-    ]
-    for name, value, ok in rules:
-        if not isinstance(value, int | float) or not math.isfinite(value) or not ok:
-            raise ValidationError(f"adam_params.{name}: out of range: {value!r}")
+    problem = adam_params_problem(params)
+    if problem is not None:
+        raise ValidationError(problem)
     return params
 
 

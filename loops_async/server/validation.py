@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .._validate import adam_params_problem
 from .._wire import ForwardBackwardRequest
 from ..types import AdamParams, EncodedTextChunk, ImageChunk
 from .backend import InvalidRequest
@@ -301,21 +302,9 @@ def validate_adam_params(params: AdamParams) -> None:
     """Raise :class:`InvalidRequest` for optimizer settings Adam cannot use (negative or
     non-finite learning rate, betas outside ``[0, 1)``, ``eps <= 0`` (0 / 0 on a parameter with
     no gradient yet), negative weight decay or clip norm)."""
-    checks: list[tuple[str, float, bool]] = [
-        ("learning_rate", params.learning_rate, params.learning_rate >= 0),
-        ("beta1", params.beta1, 0 <= params.beta1 < 1),
-        ("beta2", params.beta2, 0 <= params.beta2 < 1),
-        ("eps", params.eps, params.eps > 0),
-        ("weight_decay", params.weight_decay, params.weight_decay >= 0),
-        ("grad_clip_norm", params.grad_clip_norm, params.grad_clip_norm >= 0),
-    ]
-    for name, value, ok in checks:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InvalidRequest(f"adam_params.{name}: expected a number, got {value!r}")
-        if not math.isfinite(value) or not ok:
-            rules = {"beta1": "in [0, 1)", "beta2": "in [0, 1)", "eps": "> 0 and finite"}
-            rule = rules.get(name, ">= 0 and finite")
-            raise InvalidRequest(f"adam_params.{name}: must be {rule}, got {value!r}")
+    problem = adam_params_problem(params)
+    if problem is not None:
+        raise InvalidRequest(problem)
 
 
 def validate_lora_rank(rank: int) -> None:
