@@ -34,6 +34,8 @@ __all__ = ["ServiceClient"]
 T = TypeVar("T")
 log = logging.getLogger("loops_async")
 
+CONTROL_PLANE_RETRY_WINDOW = 20.0
+"""Seconds the control plane's transient failures are retried before they are raised."""
 _TERMINAL_DEPLOYMENT_STATES = frozenset({"FAILED", "STOPPED", "PREEMPTED"})
 _TEAMS_PATH = "/v1/teams"
 
@@ -163,10 +165,11 @@ class ServiceClient:
         params: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         """A control-plane request. GETs retry transport failures and 502/503/504; POSTs
-        retry only connections that never reached the server."""
+        retry only connections that never reached the server. Retries stop after
+        ``CONTROL_PLANE_RETRY_WINDOW`` seconds, so a wrong URL fails fast."""
         content = None if body is None else encode(body)
         backoff = Backoff()
-        deadline = anyio.current_time() + self._ready_timeout
+        deadline = anyio.current_time() + min(self._ready_timeout, CONTROL_PLANE_RETRY_WINDOW)
         while True:
             failure: errors.LoopsError
             try:
