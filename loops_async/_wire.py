@@ -140,3 +140,142 @@ class DeploymentStatus(msgspec.Struct, kw_only=True):
 
 class DeploymentResponse(msgspec.Struct, kw_only=True):
     deployment: DeploymentStatus
+
+
+# --------------------------------------------------------------------------- sampler (§6)
+
+
+class SampleRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Body of ``POST {sampler}/sample`` (OpenAI-completions shaped). The fields without a
+    default are always sent; the optional ones only when set."""
+
+    prompt: list[int]
+    n: int
+    temperature: float
+    top_p: float
+    logprobs: int
+    return_tokens_as_token_ids: bool
+    max_tokens: int | None = None
+    seed: int | None = None
+    top_k: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
+
+
+class ChoiceLogprobs(msgspec.Struct, kw_only=True):
+    """``choices[i].logprobs``: the completion's tokens and their logprobs."""
+
+    tokens: list[str | int]
+    token_logprobs: list[float | None]
+
+
+class PromptLogprob(msgspec.Struct, kw_only=True):
+    """One candidate of a prompt position: ``{"logprob", "rank", "decoded_token"}``."""
+
+    logprob: float | None
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+class SampleChoice(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One completion of a ``/sample`` answer."""
+
+    logprobs: ChoiceLogprobs
+    text: str = ""
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+
+
+class SampleAnswer(msgspec.Struct, kw_only=True):
+    """The 200 answer of ``POST {sampler}/sample``."""
+
+    choices: list[SampleChoice]
+
+
+class ModelEntry(msgspec.Struct, kw_only=True):
+    id: str
+    parent: str | None = None
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    """``GET {sampler}/v1/models``."""
+
+    data: list[ModelEntry] = msgspec.field(default_factory=list)
+
+
+class CreateSamplerRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``POST /samplers``: paired (``run_id``) or standalone (``base_model`` / ``model_path``)."""
+
+    session_id: str
+    run_id: str | None = None
+    num_replicas: int | None = None
+    availability_model: str | None = None
+    base_model: str | None = None
+    model_path: str | None = None
+    max_seq_length: int | None = None
+
+
+class SamplerInfo(msgspec.Struct, kw_only=True):
+    id: str
+    base_url: str
+    base_model: str | None = None
+    model_id: str | None = None
+    deployment_id: str | None = None
+    created_at: str | None = None
+
+
+class CreateSamplerResponse(msgspec.Struct, kw_only=True):
+    sampler: SamplerInfo
+
+
+class SamplerDeploymentStatus(msgspec.Struct, kw_only=True):
+    """``GET {base}/v1/models/<model_id>/deployments/<deployment_id>``."""
+
+    status: str
+
+
+class CheckpointSourceInfo(msgspec.Struct, kw_only=True):
+    kind: str
+    volume_ref: str | None = None
+    path: str | None = None
+
+
+class CheckpointSource(msgspec.Struct, kw_only=True):
+    """``GET /checkpoints/<id>/source``."""
+
+    source: CheckpointSourceInfo
+
+
+class CheckpointFile(msgspec.Struct, kw_only=True):
+    url: str
+    relative_file_name: str
+    node_rank: int | None = None
+    size_bytes: int | None = None
+    last_modified: str | None = None
+
+
+class CheckpointFiles(msgspec.Struct, kw_only=True):
+    """``GET /checkpoints/<id>/files?page_size=&page_token=``."""
+
+    presigned_urls: list[CheckpointFile] = msgspec.field(default_factory=list)
+    next_page_token: str | int | None = None
+    total_count: int | None = None
+
+
+class ValidateCheckpointRequest(msgspec.Struct, kw_only=True):
+    checkpoint_path: str
+    run_id: str | None = None
+
+
+class SupportedModel(msgspec.Struct, kw_only=True):
+    model_name: str
+    max_context_length: int | None = None
+
+
+class Capabilities(msgspec.Struct, kw_only=True):
+    """``GET /capabilities``."""
+
+    supported_models: list[SupportedModel] = msgspec.field(default_factory=list)

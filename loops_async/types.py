@@ -34,8 +34,12 @@ __all__ = [
     "ModelData",
     "ModelInput",
     "OptimStepResponse",
+    "SampleResponse",
+    "SampledSequence",
+    "SamplingParams",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsResponse",
+    "StopReason",
     "TensorData",
 ]
 
@@ -392,3 +396,48 @@ class Checkpoint(msgspec.Struct, kw_only=True):
         """The ``bt://loops:<run_id>/<weights|sampler_weights>/<name>`` URI of the checkpoint."""
         kind = self._KIND.get(self.target or "trainer", "weights")
         return f"bt://loops:{self.run_id}/{kind}/{self.checkpoint_id}"
+
+
+# --------------------------------------------------------------------------- sampling
+
+StopReason: TypeAlias = Literal["stop", "length"]
+"""Why a sampled sequence ended: a stop string / stop token / EOS, or ``max_tokens``."""
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How to sample.
+
+    ``temperature=0`` is greedy decoding. ``top_k=-1`` / ``top_p=1`` disable those filters.
+    ``stop`` is a string, a list of strings, or a list of token ids. The same ``seed``, weights
+    and prompt give the same tokens. Logprobs are always those of the untempered model.
+    """
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: str | list[str] | list[int] | None = None
+    seed: int | None = None
+
+
+class SampledSequence(msgspec.Struct, kw_only=True):
+    """One completion: its token ids, their logprobs, why it stopped, and its text."""
+
+    tokens: list[int]
+    logprobs: list[float] | None = None
+    stop_reason: StopReason = "length"
+    text: str | None = None
+
+
+class SampleResponse(msgspec.Struct, kw_only=True):
+    """What ``SamplingClient.sample`` returns.
+
+    ``prompt_logprobs[i]`` is the logprob of prompt token ``i`` given the ones before it
+    (``None`` for the first); ``topk_prompt_logprobs[i]`` lists ``(token_id, logprob)`` pairs,
+    most likely first. ``policy_version`` is the adapter version that served the request.
+    """
+
+    sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None
+    topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
+    policy_version: int | None = None

@@ -65,8 +65,6 @@ __all__ = ["create_app", "get_state"]
 
 logger = logging.getLogger("loops_async.server")
 
-"""The largest ``lora_rank`` the server accepts."""
-
 _LARGE_BODY = 1 << 20
 """Bodies above this many bytes are decoded and validated on a worker thread."""
 
