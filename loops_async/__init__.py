@@ -5,7 +5,7 @@ background portal thread. See ``docs/`` for the guides and :mod:`loops_async.err
 exception tree.
 """
 
-from ._operation import OperationFuture
+from ._operation import APIFuture, OperationFuture
 from ._version import __version__
 from .errors import (
     APIStatusError,
@@ -33,11 +33,14 @@ from .errors import (
     UnprocessableEntityError,
     ValidationError,
 )
+from .sampling import SamplingClient
 from .service import ServiceClient
 from .training import TrainingClient
 from .types import (
     AdamParams,
     Checkpoint,
+    CheckpointArchive,
+    CheckpointFile,
     Chunk,
     Datum,
     DType,
@@ -51,17 +54,26 @@ from .types import (
     ModelData,
     ModelInput,
     OptimStepResponse,
+    SampledSequence,
+    SampleResponse,
+    SamplingParams,
     SaveWeightsForSamplerResponse,
     SaveWeightsResponse,
+    ServerCapabilities,
+    StopReason,
+    SupportedModel,
     TensorData,
 )
 
 __all__ = [
+    "APIFuture",
     "APIStatusError",
     "AdamParams",
     "AuthenticationError",
     "BadRequestError",
     "Checkpoint",
+    "CheckpointArchive",
+    "CheckpointFile",
     "Chunk",
     "ClientClosedError",
     "ConflictError",
@@ -90,11 +102,18 @@ __all__ = [
     "ReadTimeoutError",
     "RemoteOpError",
     "RequestTooLargeError",
+    "SampleResponse",
     "SampleTimeoutError",
+    "SampledSequence",
+    "SamplingClient",
+    "SamplingParams",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsResponse",
+    "ServerCapabilities",
     "ServerShutdownError",
     "ServiceClient",
+    "StopReason",
+    "SupportedModel",
     "SyncInAsyncContextError",
     "TensorData",
     "TrainingClient",

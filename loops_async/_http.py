@@ -9,6 +9,7 @@ import random
 import threading
 import weakref
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -157,6 +158,12 @@ class Transport:
         transport: httpx.AsyncBaseTransport | None = None,
         extra_headers: Mapping[str, str] | None = None,
     ) -> None:
+        self._config: dict[str, Any] = {
+            "api_key": api_key,
+            "timeout": timeout,
+            "max_connections": max_connections,
+            "extra_headers": dict(extra_headers or {}),
+        }
         headers = {"User-Agent": USER_AGENT, "X-Baseten-Accept-Error": "1"}
         if api_key:
             headers["Authorization"] = f"Api-Key {api_key}"
@@ -176,6 +183,11 @@ class Transport:
     def __repr__(self) -> str:
         # Never show the Authorization header.
         return f"<Transport loops={len(self._clients)} closed={self._closed}>"
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that recreate an equivalent transport (in another process);
+        a custom ``httpx`` transport is not carried over. Holds the API key: keep it private."""
+        return dict(self._config)
 
     @property
     def closed(self) -> bool:
@@ -234,6 +246,23 @@ class Transport:
             raise errors.ReadTimeoutError(f"no answer in time for {method} {url}") from exc
         except httpx.TransportError as exc:
             raise errors.TransportError(f"{type(exc).__name__} for {method} {url}: {exc}") from exc
+
+    async def download(self, url: str, out: Path) -> int:
+        """Stream ``GET url`` into the file ``out``; returns the number of bytes written."""
+        client = self._client()
+        written = 0
+        try:
+            async with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise error_for_response(response)
+                async with await anyio.open_file(out, "wb") as sink:
+                    async for chunk in response.aiter_bytes(1 << 20):
+                        await sink.write(chunk)
+                        written += len(chunk)
+        except httpx.TransportError as exc:
+            raise errors.TransportError(f"{type(exc).__name__} downloading {url}: {exc}") from exc
+        return written
 
     async def aclose(self) -> None:
         """Close every loop's client: this loop's directly, others on their own loops."""

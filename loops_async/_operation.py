@@ -7,9 +7,10 @@ operation id; ``GET {endpoint}/operations/<id>`` is held by the server up to ~30
 
 from __future__ import annotations
 
+import abc
 import threading
 import uuid
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
@@ -23,7 +24,7 @@ from ._http import POLL_READ_TIMEOUT, Backoff, Transport, error_for_response, is
 from ._loop import current_loop
 from ._wire import OPERATION_SCHEMA_VERSION, OpEnvelope, SubmitAccepted
 
-__all__ = ["Endpoint", "OperationFuture"]
+__all__ = ["APIFuture", "ChainedFuture", "Endpoint", "OperationFuture"]
 
 T = TypeVar("T")
 
@@ -179,44 +180,33 @@ def _retry_after(response: Any) -> float | None:
         return None
 
 
-class OperationFuture(Generic[T]):
-    """The pending result of a submitted operation.
+_FINAL_ERRORS = (
+    errors.RemoteOpError,
+    errors.UnknownRequestError,
+    errors.ProtocolError,
+    errors.DeploymentError,
+    errors.ValidationError,
+    errors.UnprocessableEntityError,
+)
+"""Errors that end a future for good (memoised); others (timeouts, transport) may be retried by
+waiting again."""
+
+
+class APIFuture(abc.ABC, Generic[T]):
+    """The pending result of a request the server is working on.
 
     - ``fut.result(timeout=None)`` blocks (sync code);
     - ``await fut`` or ``await fut.result_async(timeout=None)`` awaits (asyncio or trio);
     - ``fut.done()`` says whether the result is already here, without I/O.
 
-    The result (or error) is retrieved once and memoised; concurrent waiters on one event loop
-    share a single long-poll. A future made by the sync API can be awaited in async code and
-    the other way round. A timeout raises :class:`~loops_async.errors.OperationTimeoutError`
-    and leaves the future usable: wait again to keep waiting.
+    The result (or a final error) is retrieved once and memoised; concurrent waiters on one
+    event loop share a single retrieval. A future made by the sync API can be awaited in async
+    code and the other way round. A timeout raises
+    :class:`~loops_async.errors.OperationTimeoutError` and leaves the future usable: wait again
+    to keep waiting.
     """
 
-    __slots__ = (
-        "_endpoint",
-        "_error",
-        "_has_outcome",
-        "_inflight",
-        "_lock",
-        "_result",
-        "_result_type",
-        "_transform",
-        "operation_id",
-    )
-
-    def __init__(
-        self,
-        operation_id: str,
-        *,
-        endpoint: Endpoint,
-        result_type: type[T],
-        transform: Callable[[T], T] | None = None,
-    ) -> None:
-        self.operation_id = operation_id
-        """The server's id of this operation."""
-        self._endpoint = endpoint
-        self._result_type = result_type
-        self._transform = transform
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._has_outcome = False
         self._result: T | None = None
@@ -225,7 +215,14 @@ class OperationFuture(Generic[T]):
 
     def __repr__(self) -> str:
         state = "done" if self._has_outcome else "pending"
-        return f"<OperationFuture {self.operation_id} {self._result_type.__name__} {state}>"
+        return f"<{type(self).__name__} {self._describe()} {state}>"
+
+    def _describe(self) -> str:
+        return ""
+
+    @abc.abstractmethod
+    async def _fetch(self) -> T:
+        """Produce the result. Called by one waiter per loop at a time."""
 
     def done(self) -> bool:
         """Whether the outcome has been retrieved (never does I/O)."""
@@ -246,11 +243,9 @@ class OperationFuture(Generic[T]):
 
     async def _retrieve_once(self) -> None:
         try:
-            result = await self._endpoint.retrieve(self.operation_id, self._result_type)
-            if self._transform is not None:
-                result = self._transform(result)
-        except (errors.RemoteOpError, errors.UnknownRequestError, errors.ProtocolError) as exc:
-            self._settle(None, exc)  # final: the operation failed or is gone
+            result = await self._fetch()
+        except _FINAL_ERRORS as exc:
+            self._settle(None, exc)
         else:
             self._settle(result, None)
 
@@ -290,7 +285,7 @@ class OperationFuture(Generic[T]):
             if self._has_outcome:
                 return self._outcome()
             raise errors.OperationTimeoutError(
-                f"operation {self.operation_id} not done after {timeout} s"
+                f"{self._describe() or 'request'} not done after {timeout} s"
             ) from None
 
     def result(self, timeout: float | None = None) -> T:
@@ -305,3 +300,52 @@ class OperationFuture(Generic[T]):
 
     def __await__(self) -> Generator[Any, None, T]:
         return self.result_async().__await__()
+
+
+class OperationFuture(APIFuture[T]):
+    """The pending result of a submitted operation (see :class:`APIFuture`); its
+    ``operation_id`` is the server's id. The result is retrieved by long-polling
+    ``GET /operations/<id>``."""
+
+    def __init__(
+        self,
+        operation_id: str,
+        *,
+        endpoint: Endpoint,
+        result_type: type[T],
+        transform: Callable[[T], T] | None = None,
+    ) -> None:
+        super().__init__()
+        self.operation_id = operation_id
+        """The server's id of this operation."""
+        self._endpoint = endpoint
+        self._result_type = result_type
+        self._transform = transform
+
+    def _describe(self) -> str:
+        return f"operation {self.operation_id} ({self._result_type.__name__})"
+
+    async def _fetch(self) -> T:
+        result = await self._endpoint.retrieve(self.operation_id, self._result_type)
+        if self._transform is not None:
+            result = self._transform(result)
+        return result
+
+
+class ChainedFuture(APIFuture[T]):
+    """A future whose result is computed from another future's result by an async step (for
+    example: publish weights, then wait for the sampler and build a sampling client)."""
+
+    def __init__(
+        self, inner: APIFuture[Any], then: Callable[[Any], Awaitable[T]], *, what: str
+    ) -> None:
+        super().__init__()
+        self._inner = inner
+        self._then = then
+        self._what = what
+
+    def _describe(self) -> str:
+        return self._what
+
+    async def _fetch(self) -> T:
+        return await self._then(await self._inner.result_async())

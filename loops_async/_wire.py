@@ -10,7 +10,9 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from .types import AdamParams, Checkpoint, Datum
+from .types import AdamParams, Checkpoint, CheckpointFile, Datum, ServerCapabilities
+
+Capabilities = ServerCapabilities  # the body of GET /capabilities
 
 T = TypeVar("T")
 
@@ -249,14 +251,6 @@ class CheckpointSource(msgspec.Struct, kw_only=True):
     source: CheckpointSourceInfo
 
 
-class CheckpointFile(msgspec.Struct, kw_only=True):
-    url: str
-    relative_file_name: str
-    node_rank: int | None = None
-    size_bytes: int | None = None
-    last_modified: str | None = None
-
-
 class CheckpointFiles(msgspec.Struct, kw_only=True):
     """``GET /checkpoints/<id>/files?page_size=&page_token=``."""
 
@@ -268,14 +262,3 @@ class CheckpointFiles(msgspec.Struct, kw_only=True):
 class ValidateCheckpointRequest(msgspec.Struct, kw_only=True):
     checkpoint_path: str
     run_id: str | None = None
-
-
-class SupportedModel(msgspec.Struct, kw_only=True):
-    model_name: str
-    max_context_length: int | None = None
-
-
-class Capabilities(msgspec.Struct, kw_only=True):
-    """``GET /capabilities``."""
-
-    supported_models: list[SupportedModel] = msgspec.field(default_factory=list)

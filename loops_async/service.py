@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import anyio.to_thread
 import httpx
 import msgspec
 
@@ -21,13 +26,23 @@ from ._http import Backoff, Transport, error_for_response
 from ._loop import current_loop, wake_soon
 from ._operation import Endpoint
 from ._wire import (
+    CheckpointFiles,
+    CheckpointList,
+    CheckpointSource,
+    CreateSamplerRequest,
+    CreateSamplerResponse,
     CreateSessionResponse,
     CreateTrainerRequest,
     CreateTrainerResponse,
     DeploymentResponse,
+    PolicyVersion,
     RunInfo,
+    SamplerDeploymentStatus,
+    SamplerInfo,
 )
+from .sampling import SamplingClient
 from .training import TrainingClient
+from .types import Checkpoint, CheckpointArchive, CheckpointFile, ServerCapabilities
 
 __all__ = ["ServiceClient"]
 
@@ -37,6 +52,17 @@ log = logging.getLogger("loops_async")
 CONTROL_PLANE_RETRY_WINDOW = 20.0
 """Seconds the control plane's transient failures are retried before they are raised."""
 _TERMINAL_DEPLOYMENT_STATES = frozenset({"FAILED", "STOPPED", "PREEMPTED"})
+_TERMINAL_SAMPLER_STATES = frozenset(
+    {
+        "DEPLOY_FAILED",
+        "UNHEALTHY",
+        "BUILD_FAILED",
+        "BUILD_STOPPED",
+        "DEACTIVATING",
+        "INACTIVE",
+        "FAILED",
+    }
+)
 _TEAMS_PATH = "/v1/teams"
 
 
@@ -59,7 +85,7 @@ async def _run_in_scope(
 
 
 class ServiceClient:
-    """Entry point of the Loops API: sessions and training runs.
+    """Entry point of the Loops API: sessions, training runs, samplers and checkpoints.
 
     ``base_url`` defaults to ``$LOOPS_BASE_URL`` and ``api_key`` to ``$BASETEN_API_KEY``
     (sent as ``Authorization: Api-Key <key>``; never shown in reprs or logs). Constructing the
@@ -78,6 +104,7 @@ class ServiceClient:
         ready_timeout: how long to wait for a trainer to become ready, and the bound on
             retrying submits that fail transiently.
         heartbeat_interval: seconds between a training client's ``/health`` pings (0: off).
+        sample_timeout: how long one sample request may take to answer (read timeout).
         max_connections: the HTTP connection pool size per event loop.
         http_transport: a custom ``httpx.AsyncBaseTransport`` (tests, proxies).
     """
@@ -91,7 +118,8 @@ class ServiceClient:
         timeout: float = 60.0,
         ready_timeout: float = 600.0,
         heartbeat_interval: float = 60.0,
-        max_connections: int = 256,
+        sample_timeout: float = 600.0,
+        max_connections: int = 1024,
         http_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         url = base_url or os.environ.get("LOOPS_BASE_URL")
@@ -110,6 +138,8 @@ class ServiceClient:
         self._team_id: str | None = None
         self._ready_timeout = float(ready_timeout)
         self._heartbeat_interval = float(heartbeat_interval)
+        self._sample_timeout = float(sample_timeout)
+        self._paired: dict[str, SamplerInfo] = {}
         self._transport = Transport(
             api_key=api_key,
             timeout=timeout,
@@ -268,16 +298,16 @@ class ServiceClient:
 
     # ------------------------------------------------------------------ training clients
 
-    async def create_lora_training_client_async(
+    async def _create_training_client(
         self,
         base_model: str,
-        rank: int = 32,
+        rank: int,
         *,
         seed: int | None = None,
         max_seq_len: int | None = None,
         name: str | None = None,
+        path: str | None = None,
     ) -> TrainingClient:
-        """Async twin of :meth:`create_lora_training_client`."""
         self._check_open()
         if not isinstance(base_model, str) or not base_model:
             raise errors.ValidationError(f"base_model: expected a model name, got {base_model!r}")
@@ -295,6 +325,7 @@ class ServiceClient:
             seed=seed,
             max_seq_len=max_seq_len,
             name=name,
+            path=path,
         )
         created = await self._request_typed(
             "POST", f"{root}/trainers", CreateTrainerResponse, body=request
@@ -314,6 +345,20 @@ class ServiceClient:
         self._children.add(client)
         client._start_heartbeat(self._heartbeat_interval)
         return client
+
+    async def create_lora_training_client_async(
+        self,
+        base_model: str,
+        rank: int = 32,
+        *,
+        seed: int | None = None,
+        max_seq_len: int | None = None,
+        name: str | None = None,
+    ) -> TrainingClient:
+        """Async twin of :meth:`create_lora_training_client`."""
+        return await self._create_training_client(
+            base_model, rank, seed=seed, max_seq_len=max_seq_len, name=name
+        )
 
     def create_lora_training_client(
         self,
@@ -338,6 +383,277 @@ class ServiceClient:
             name=name,
             twin="create_lora_training_client_async",
         )
+
+    async def _from_state(self, path: str, *, with_optimizer: bool) -> TrainingClient:
+        _validate.check_checkpoint_path(path)
+        checkpoint = await self._checkpoint_at(path)
+        if checkpoint.target not in (None, "trainer") and with_optimizer:
+            raise errors.ValidationError(
+                f"path: {path} is a sampler checkpoint (adapter only); resuming with the "
+                "optimizer needs a save_state checkpoint"
+            )
+        rank = (checkpoint.lora_adapter_config or {}).get("r")
+        if not isinstance(rank, int) or not checkpoint.base_model:
+            raise errors.ProtocolError(f"checkpoint {path} does not say its base model and rank")
+        client = await self._create_training_client(checkpoint.base_model, rank, path=path)
+        future = await (
+            client.load_state_with_optimizer_async(path)
+            if with_optimizer
+            else client.load_state_async(path)
+        )
+        await future.result_async()
+        return client
+
+    async def create_training_client_from_state_async(self, path: str) -> TrainingClient:
+        """Async twin of :meth:`create_training_client_from_state`."""
+        return await self._from_state(path, with_optimizer=False)
+
+    def create_training_client_from_state(self, path: str) -> TrainingClient:
+        """A new training run that starts from the adapter weights of checkpoint ``path``
+        (any run's ``save_state`` or sampler checkpoint); the optimizer starts fresh."""
+        return _portal.run(
+            self.create_training_client_from_state_async,
+            path,
+            twin="create_training_client_from_state_async",
+        )
+
+    async def create_training_client_from_state_with_optimizer_async(
+        self, path: str
+    ) -> TrainingClient:
+        """Async twin of :meth:`create_training_client_from_state_with_optimizer`."""
+        return await self._from_state(path, with_optimizer=True)
+
+    def create_training_client_from_state_with_optimizer(self, path: str) -> TrainingClient:
+        """A new training run that resumes exactly from a ``save_state`` checkpoint: adapter
+        weights, Adam moments and the step counter."""
+        return _portal.run(
+            self.create_training_client_from_state_with_optimizer_async,
+            path,
+            twin="create_training_client_from_state_with_optimizer_async",
+        )
+
+    # ------------------------------------------------------------------ sampling clients
+
+    async def _create_sampler(self, request: CreateSamplerRequest) -> SamplerInfo:
+        root = await self._loops_root(team_scoped=True)
+        created = await self._request_typed(
+            "POST", f"{root}/samplers", CreateSamplerResponse, body=request
+        )
+        sampler = created.sampler
+        await self._wait_sampler_ready(sampler)
+        return sampler
+
+    async def _wait_sampler_ready(self, sampler: SamplerInfo) -> None:
+        """Dedicated samplers: poll their deployment until ACTIVE (waking a scaled-to-zero
+        one); a terminal status raises :class:`DeploymentError`."""
+        if not sampler.model_id or not sampler.deployment_id:
+            return  # shared capacity: nothing to wait for
+        url = f"{self._base_url}/v1/models/{sampler.model_id}/deployments/{sampler.deployment_id}"
+        deadline = anyio.current_time() + self._ready_timeout
+        backoff = Backoff(base=0.1, cap=2.0)
+        while True:
+            status = (await self._request_typed("GET", url, SamplerDeploymentStatus)).status
+            status = status.upper()
+            if status == "ACTIVE":
+                return
+            if status in _TERMINAL_SAMPLER_STATES:
+                raise errors.DeploymentError(f"sampler {sampler.id} deployment is {status}")
+            if status == "SCALED_TO_ZERO":
+                await self._request("POST", f"{sampler.base_url.rstrip('/')}/wake", body={})
+            delay = backoff.next_delay()
+            if anyio.current_time() + delay > deadline:
+                raise errors.OperationTimeoutError(
+                    f"sampler {sampler.id} not ready after {self._ready_timeout:g} s ({status})"
+                )
+            await anyio.sleep(delay)
+
+    async def _paired_sampler(self, run_id: str) -> SamplerInfo:
+        """The sampler paired with a run (created once; the route is idempotent per run)."""
+        sampler = self._paired.get(run_id)
+        if sampler is None:
+            session_id = await self._ensure_session()
+            sampler = await self._create_sampler(
+                CreateSamplerRequest(session_id=session_id, run_id=run_id)
+            )
+            self._paired[run_id] = sampler
+        return sampler
+
+    async def _wait_policy_version(self, sampler: SamplerInfo, run_id: str, version: int) -> None:
+        """Poll ``GET {sampler}/trainers_policy_version`` until it reaches ``version``."""
+        url = f"{sampler.base_url.rstrip('/')}/trainers_policy_version"
+        deadline = anyio.current_time() + self._ready_timeout
+        backoff = Backoff(base=0.02, cap=1.0)
+        while True:
+            response = await self._transport.request("GET", url, headers={"X-Run-Id": run_id})
+            if response.status_code == 200:
+                served = decoder_for(PolicyVersion).decode(response.content).policy_version
+                if served >= version:
+                    return
+            elif response.status_code not in (404, 408, 502, 503, 504):
+                raise error_for_response(response)
+            delay = backoff.next_delay()
+            if anyio.current_time() + delay > deadline:
+                raise errors.OperationTimeoutError(
+                    f"sampler {sampler.id} did not reach policy version {version} "
+                    f"within {self._ready_timeout:g} s"
+                )
+            await anyio.sleep(delay)
+
+    def _sampling_client(
+        self, sampler: SamplerInfo, base_model: str, headers: dict[str, str]
+    ) -> SamplingClient:
+        return SamplingClient(
+            transport=self._transport,
+            base_url=sampler.base_url,
+            base_model=sampler.base_model or base_model,
+            headers=headers,
+            ready_timeout=self._ready_timeout,
+            sample_timeout=self._sample_timeout,
+        )
+
+    async def create_sampling_client_async(
+        self, base_model: str | None = None, *, model_path: str | None = None
+    ) -> SamplingClient:
+        """Async twin of :meth:`create_sampling_client`."""
+        self._check_open()
+        if (base_model is None) == (model_path is None):
+            raise errors.ValidationError("give exactly one of base_model= or model_path=")
+        session_id = await self._ensure_session()
+        if model_path is not None:
+            _validate.check_checkpoint_path(model_path, "model_path")
+            checkpoint = await self._checkpoint_at(model_path)
+            request = CreateSamplerRequest(
+                session_id=session_id, availability_model="dedicated", model_path=model_path
+            )
+            sampler = await self._create_sampler(request)
+            return self._sampling_client(
+                sampler, checkpoint.base_model or "", {"X-Checkpoint-Path": model_path}
+            )
+        assert base_model is not None
+        if not isinstance(base_model, str) or not base_model:
+            raise errors.ValidationError(f"base_model: expected a model name, got {base_model!r}")
+        request = CreateSamplerRequest(
+            session_id=session_id, availability_model="dedicated", base_model=base_model
+        )
+        sampler = await self._create_sampler(request)
+        return self._sampling_client(sampler, base_model, {"X-Sampler-Id": sampler.id})
+
+    def create_sampling_client(
+        self, base_model: str | None = None, *, model_path: str | None = None
+    ) -> SamplingClient:
+        """A sampler for a base model (``base_model=``) or a saved checkpoint
+        (``model_path="bt://loops:<run>/sampler_weights/<name>"``), on its own capacity."""
+        return _portal.run(
+            self.create_sampling_client_async,
+            base_model,
+            model_path=model_path,
+            twin="create_sampling_client_async",
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    async def list_checkpoints_async(self, run_id: str) -> list[Checkpoint]:
+        """Async twin of :meth:`list_checkpoints`."""
+        self._check_open()
+        if not isinstance(run_id, str) or not run_id:
+            raise errors.ValidationError(f"run_id: expected a run id, got {run_id!r}")
+        listed = await self._request_typed(
+            "GET",
+            f"{self._base_url}/v1/loops/checkpoints",
+            CheckpointList,
+            params={"run_id": run_id},
+        )
+        return listed.checkpoints
+
+    def list_checkpoints(self, run_id: str) -> list[Checkpoint]:
+        """The checkpoints saved by run ``run_id`` (trainer and sampler ones)."""
+        return _portal.run(self.list_checkpoints_async, run_id, twin="list_checkpoints_async")
+
+    async def _checkpoint_at(self, path: str) -> Checkpoint:
+        listed = await self._request_typed(
+            "GET",
+            f"{self._base_url}/v1/loops/checkpoints",
+            CheckpointList,
+            params={"checkpoint_path": path},
+        )
+        for checkpoint in listed.checkpoints:
+            if checkpoint.path == path or len(listed.checkpoints) == 1:
+                return checkpoint
+        raise errors.ValidationError(f"path: no checkpoint {path} on {self._base_url}")
+
+    async def get_checkpoint_archive_url_async(self, path: str) -> CheckpointArchive:
+        """Async twin of :meth:`get_checkpoint_archive_url`."""
+        self._check_open()
+        _validate.check_checkpoint_path(path)
+        checkpoint = await self._checkpoint_at(path)
+        root = f"{self._base_url}/v1/loops/checkpoints/{quote(checkpoint.id, safe='')}"
+        source = await self._request_typed("GET", f"{root}/source", CheckpointSource)
+        log.debug("checkpoint %s source: %s", checkpoint.id, source.source.kind)
+        files: list[CheckpointFile] = []
+        token: str | int | None = 0
+        while token is not None:
+            page = await self._request_typed(
+                "GET",
+                f"{root}/files",
+                CheckpointFiles,
+                params={"page_size": "1000", "page_token": str(token)},
+            )
+            files.extend(page.presigned_urls)
+            token = page.next_page_token if page.presigned_urls else None
+            if token == "":
+                token = None
+        return CheckpointArchive(checkpoint=checkpoint, files=files)
+
+    def get_checkpoint_archive_url(self, path: str) -> CheckpointArchive:
+        """The download URLs of every file of checkpoint ``path`` (Loops serves a checkpoint
+        as a set of presigned file URLs, not one archive)."""
+        return _portal.run(
+            self.get_checkpoint_archive_url_async, path, twin="get_checkpoint_archive_url_async"
+        )
+
+    async def download_checkpoint_async(self, path: str, destination: str | Path) -> Path:
+        """Async twin of :meth:`download_checkpoint`."""
+        archive = await self.get_checkpoint_archive_url_async(path)
+        target = await (await anyio.Path(destination).expanduser()).resolve()
+        if await target.exists():
+            raise errors.ValidationError(f"destination: {target} already exists")
+        partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+        await partial.mkdir(parents=True)
+        try:
+            for item in archive.files:
+                relative = PurePosixPath(item.relative_file_name)
+                if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+                    raise errors.ProtocolError(
+                        f"refusing checkpoint file name {item.relative_file_name!r}"
+                    )
+                out = partial.joinpath(*relative.parts)
+                await out.parent.mkdir(parents=True, exist_ok=True)
+                await self._transport.download(item.url, Path(out))
+            await partial.rename(target)
+        finally:
+            if await partial.exists():
+                await anyio.to_thread.run_sync(shutil.rmtree, partial, True)
+        return Path(target)
+
+    def download_checkpoint(self, path: str, destination: str | Path) -> Path:
+        """Download every file of checkpoint ``path`` into the new directory ``destination``
+        (written aside, then renamed into place); returns it. A trainer checkpoint holds the
+        PEFT adapter (``adapter_model.safetensors``, ``adapter_config.json``) and optimizer
+        state; a sampler checkpoint the adapter only."""
+        return _portal.run(
+            self.download_checkpoint_async, path, destination, twin="download_checkpoint_async"
+        )
+
+    async def get_server_capabilities_async(self) -> ServerCapabilities:
+        """Async twin of :meth:`get_server_capabilities`."""
+        self._check_open()
+        return await self._request_typed(
+            "GET", f"{self._base_url}/v1/loops/capabilities", ServerCapabilities
+        )
+
+    def get_server_capabilities(self) -> ServerCapabilities:
+        """The base models the server supports and their context lengths."""
+        return _portal.run(self.get_server_capabilities_async, twin="get_server_capabilities_async")
 
     # ------------------------------------------------------------------ background tasks
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -12,7 +14,7 @@ import msgspec
 from . import _portal, _validate, errors
 from ._codec import encode
 from ._loop import ThreadSafeGate
-from ._operation import Endpoint, OperationFuture
+from ._operation import APIFuture, ChainedFuture, Endpoint, OperationFuture
 from ._wire import (
     ForwardBackwardRequest,
     InitTrainerServerRequest,
@@ -24,6 +26,8 @@ from ._wire import (
 )
 from .types import (
     AdamParams,
+    Checkpoint,
+    CheckpointArchive,
     Datum,
     ForwardBackwardOutput,
     GetInfoResponse,
@@ -38,6 +42,7 @@ from .types import (
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from .sampling import SamplingClient
     from .service import ServiceClient, _BackgroundTask
 
 __all__ = ["TrainingClient"]
@@ -75,6 +80,7 @@ class TrainingClient:
         self._lora_rank = lora_rank
         self._gate = ThreadSafeGate(first=1)
         self._policy_version = 0
+        self._last_published_version = 0
         self._closed = False
         self._heartbeat: _BackgroundTask | None = None
 
@@ -180,6 +186,13 @@ class TrainingClient:
         step = (result.metrics or {}).get("step")
         if step is not None:
             self._policy_version = max(self._policy_version, int(step))
+        return result
+
+    def _after_publish(
+        self, result: SaveWeightsForSamplerResponse
+    ) -> SaveWeightsForSamplerResponse:
+        if result.version is not None:
+            self._last_published_version = max(self._last_published_version, result.version)
         return result
 
     def _after_load(self, path: str) -> Callable[[LoadWeightsResponse], LoadWeightsResponse]:
@@ -393,6 +406,7 @@ class TrainingClient:
             "save_weights_for_sampler",
             self._publish_builder(name, ttl_seconds, bump_version),
             SaveWeightsForSamplerResponse,
+            self._after_publish if bump_version else None,
         )
 
     async def save_weights_for_sampler_async(
@@ -403,6 +417,7 @@ class TrainingClient:
             "save_weights_for_sampler",
             self._publish_builder(name, ttl_seconds, bump_version),
             SaveWeightsForSamplerResponse,
+            self._after_publish if bump_version else None,
         )
 
     def load_state(self, path: str) -> OperationFuture[LoadWeightsResponse]:
@@ -442,6 +457,95 @@ class TrainingClient:
             self._load_builder(path),
             LoadWeightsResponse,
             self._after_load(path),
+        )
+
+    # ------------------------------------------------------------------ sampling
+
+    async def _sampler_at_version(self, published: SaveWeightsForSamplerResponse) -> SamplingClient:
+        """Wait until the paired sampler serves ``published.version``; a client pinned there."""
+        version = published.version or 0
+        sampler = await self._service._paired_sampler(self._run_id)
+        if version > 0:
+            await self._service._wait_policy_version(sampler, self._run_id, version)
+        headers = {"X-Run-Id": self._run_id}
+        if version > 0:
+            headers["X-Min-Policy-Version"] = str(version)
+        return self._service._sampling_client(sampler, self._base_model, headers)
+
+    def _publish_name(self, name: str | None) -> str:
+        return f"policy-{uuid.uuid4().hex[:12]}" if name is None else name
+
+    def save_weights_and_get_sampling_client(
+        self, name: str | None = None
+    ) -> APIFuture[SamplingClient]:
+        """Publish the adapter for sampling and get a client that samples from exactly it.
+
+        Submits ``save_weights_for_sampler`` with ``bump_version: true`` now; the returned
+        future's ``.result(timeout)`` waits for it, then until the paired sampler serves the new
+        policy version (bounded by ``ready_timeout`` and by ``timeout``), and gives a
+        :class:`SamplingClient` that sends ``X-Min-Policy-Version: <version>`` on every sample
+        (no floor for version 0, the base model). ``name`` defaults to a fresh unique name.
+        """
+        publish = self.save_weights_for_sampler(self._publish_name(name), bump_version=True)
+        return ChainedFuture(publish, self._sampler_at_version, what="publish and sampler")
+
+    async def save_weights_and_get_sampling_client_async(
+        self, name: str | None = None
+    ) -> APIFuture[SamplingClient]:
+        """Async twin of :meth:`save_weights_and_get_sampling_client`."""
+        publish = await self.save_weights_for_sampler_async(
+            self._publish_name(name), bump_version=True
+        )
+        return ChainedFuture(publish, self._sampler_at_version, what="publish and sampler")
+
+    async def create_sampling_client_async(self, model_path: str) -> SamplingClient:
+        """Async twin of :meth:`create_sampling_client`."""
+        self._check_open()
+        path = _validate.check_checkpoint_path(model_path, "model_path")
+        sampler = await self._service._paired_sampler(self._run_id)
+        headers = {
+            "X-Run-Id": self._run_id,
+            "X-Checkpoint-Path": path,
+            "X-Min-Policy-Version": str(self._last_published_version + 1),
+        }
+        return self._service._sampling_client(sampler, self._base_model, headers)
+
+    def create_sampling_client(self, model_path: str) -> SamplingClient:
+        """A client of this run's sampler that serves checkpoint ``model_path`` until the run
+        publishes a newer policy, then the live adapter (``X-Checkpoint-Path`` plus
+        ``X-Min-Policy-Version: <last published + 1>``)."""
+        return _portal.run(
+            self.create_sampling_client_async, model_path, twin="create_sampling_client_async"
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    async def list_checkpoints_async(self) -> list[Checkpoint]:
+        """Async twin of :meth:`list_checkpoints`."""
+        return await self._service.list_checkpoints_async(self._run_id)
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        """The checkpoints this run has saved (``save_state`` and sampler ones)."""
+        return _portal.run(self.list_checkpoints_async, twin="list_checkpoints_async")
+
+    async def get_checkpoint_archive_url_async(self, path: str) -> CheckpointArchive:
+        """Async twin of :meth:`get_checkpoint_archive_url`."""
+        return await self._service.get_checkpoint_archive_url_async(path)
+
+    def get_checkpoint_archive_url(self, path: str) -> CheckpointArchive:
+        """The download URLs of every file of checkpoint ``path``."""
+        return _portal.run(
+            self.get_checkpoint_archive_url_async, path, twin="get_checkpoint_archive_url_async"
+        )
+
+    async def download_checkpoint_async(self, path: str, destination: str | Path) -> Path:
+        """Async twin of :meth:`download_checkpoint`."""
+        return await self._service.download_checkpoint_async(path, destination)
+
+    def download_checkpoint(self, path: str, destination: str | Path) -> Path:
+        """Download checkpoint ``path`` into the new directory ``destination``; returns it."""
+        return _portal.run(
+            self.download_checkpoint_async, path, destination, twin="download_checkpoint_async"
         )
 
     # ------------------------------------------------------------------ plain calls

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AdamParams",
     "Checkpoint",
+    "CheckpointArchive",
+    "CheckpointFile",
     "Chunk",
     "DType",
     "Datum",
@@ -39,7 +41,9 @@ __all__ = [
     "SamplingParams",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsResponse",
+    "ServerCapabilities",
     "StopReason",
+    "SupportedModel",
     "TensorData",
 ]
 
@@ -441,3 +445,37 @@ class SampleResponse(msgspec.Struct, kw_only=True):
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
     policy_version: int | None = None
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+
+class CheckpointFile(msgspec.Struct, kw_only=True):
+    """One file of a checkpoint and a URL to download it from."""
+
+    url: str
+    relative_file_name: str
+    node_rank: int | None = None
+    size_bytes: int | None = None
+    last_modified: str | None = None
+
+
+class CheckpointArchive(msgspec.Struct, kw_only=True):
+    """Where to download a checkpoint: Loops serves a checkpoint as a set of file URLs
+    (e.g. ``adapter_model.safetensors``, ``adapter_config.json``) rather than one archive."""
+
+    checkpoint: Checkpoint
+    files: list[CheckpointFile]
+
+
+class SupportedModel(msgspec.Struct, kw_only=True):
+    """A base model the server can train or sample."""
+
+    model_name: str
+    max_context_length: int | None = None
+
+
+class ServerCapabilities(msgspec.Struct, kw_only=True):
+    """What ``get_server_capabilities()`` reports."""
+
+    supported_models: list[SupportedModel] = msgspec.field(default_factory=list)

@@ -40,6 +40,7 @@ def test_all_is_sorted_and_complete() -> None:
         "types",
         "service",
         "training",
+        "sampling",
         "tokenizer",
         "server",
         "cli",

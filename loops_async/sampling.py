@@ -1,0 +1,404 @@
+"""``SamplingClient``: sample completions, with logprobs, from a Loops sampler."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+
+from . import _portal, _validate, errors
+from ._codec import decoder_for, encode
+from ._http import Backoff, Transport, error_for_response
+from ._wire import PromptLogprob, SampleAnswer, SampleChoice, SampleRequest
+from .types import (
+    EncodedTextChunk,
+    ModelInput,
+    SampledSequence,
+    SampleResponse,
+    SamplingParams,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["SamplingClient"]
+
+MAX_TOP_K_PROMPT_LOGPROBS = 20
+POLICY_VERSION_HEADER = "x-trainers-policy-version"
+_RETRY_STATUSES = frozenset({408, 429, 502, 504})
+
+
+def _token_id(value: str | int) -> int:
+    if isinstance(value, int):
+        return value
+    text = value.removeprefix("token_id:")
+    try:
+        return int(text)
+    except ValueError:
+        raise errors.ProtocolError(f"sampler returned a non-numeric token {value!r}") from None
+
+
+def _prompt_logprobs(
+    choice: SampleChoice, prompt: list[int], k: int
+) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+    entries = choice.prompt_logprobs or []
+    actual: list[float | None] = []
+    topk: list[list[tuple[int, float]] | None] = []
+    for i, entry in enumerate(entries):
+        if entry is None or i >= len(prompt):
+            actual.append(None)
+            topk.append(None)
+            continue
+        by_id: dict[int, PromptLogprob] = {_token_id(key): value for key, value in entry.items()}
+        mine = by_id.get(prompt[i])
+        actual.append(None if mine is None or mine.logprob is None else float(mine.logprob))
+        ranked = sorted(
+            (
+                (v.rank, tid, float(v.logprob))
+                for tid, v in by_id.items()
+                if v.rank is not None and v.rank <= k and v.logprob is not None
+            ),
+        )
+        topk.append([(tid, lp) for _, tid, lp in ranked])
+    return actual, topk
+
+
+class SamplingClient:
+    """Samples from one sampler: the live adapter of a run, a pinned checkpoint, or a base model.
+
+    Made by :meth:`TrainingClient.save_weights_and_get_sampling_client`,
+    :meth:`TrainingClient.create_sampling_client` or :meth:`ServiceClient.create_sampling_client`
+    (each with an ``_async`` twin). :meth:`sample` blocks; :meth:`sample_async` awaits on
+    asyncio or trio. Thousands of ``sample_async`` calls may be in flight at once.
+
+    A sampling client is picklable: a copy made in another process opens its own connections
+    (with the same base URL, API key and routing headers).
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        base_url: str,
+        base_model: str,
+        headers: Mapping[str, str],
+        ready_timeout: float,
+        sample_timeout: float,
+        owns_transport: bool = False,
+        affinity_key: str | None = None,
+    ) -> None:
+        self._transport = transport
+        self._owns_transport = owns_transport
+        self._base_url = base_url.rstrip("/")
+        self._base_model = base_model
+        self._affinity_key = affinity_key or uuid.uuid4().hex
+        self._headers = {**headers, "X-Baseten-Session-ID": self._affinity_key}
+        self._ready_timeout = ready_timeout
+        self._sample_timeout = sample_timeout
+        self._closed = False
+
+    def __repr__(self) -> str:
+        pins = {
+            k: v
+            for k, v in self._headers.items()
+            if k in ("X-Min-Policy-Version", "X-Checkpoint-Path", "X-Run-Id", "X-Sampler-Id")
+        }
+        return f"<SamplingClient {self._base_url} base_model={self._base_model!r} {pins}>"
+
+    # ------------------------------------------------------------------ pickling
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "transport": self._transport.config(),
+            "base_url": self._base_url,
+            "base_model": self._base_model,
+            "headers": {k: v for k, v in self._headers.items() if k != "X-Baseten-Session-ID"},
+            "ready_timeout": self._ready_timeout,
+            "sample_timeout": self._sample_timeout,
+            "affinity_key": self._affinity_key,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(  # type: ignore[misc]
+            transport=Transport(**state["transport"]),
+            owns_transport=True,
+            base_url=state["base_url"],
+            base_model=state["base_model"],
+            headers=state["headers"],
+            ready_timeout=state["ready_timeout"],
+            sample_timeout=state["sample_timeout"],
+            affinity_key=state["affinity_key"],
+        )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def affinity_key(self) -> str:
+        """Sent as ``X-Baseten-Session-ID`` so a replica can reuse this client's prompt cache."""
+        return self._affinity_key
+
+    @property
+    def min_policy_version(self) -> int | None:
+        """The policy-version floor this client samples at (``X-Min-Policy-Version``)."""
+        value = self._headers.get("X-Min-Policy-Version")
+        return None if value is None else int(value)
+
+    @property
+    def checkpoint_path(self) -> str | None:
+        """The checkpoint this client is pinned to (``X-Checkpoint-Path``), if any."""
+        return self._headers.get("X-Checkpoint-Path")
+
+    def get_base_model(self) -> str:
+        """The base model the sampler runs."""
+        return self._base_model
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The ``transformers`` tokenizer of the base model (built-in models work offline)."""
+        from .tokenizer import load_tokenizer
+
+        tokenizer: PreTrainedTokenizerBase = load_tokenizer(self._base_model)
+        return tokenizer
+
+    # ------------------------------------------------------------------ sampling
+
+    def _build(
+        self,
+        prompt: ModelInput,
+        num_samples: int,
+        sampling_params: SamplingParams | None,
+        include_prompt_logprobs: bool,
+        topk_prompt_logprobs: int,
+    ) -> tuple[bytes, list[int]]:
+        if self._closed:
+            raise errors.ClientClosedError(f"{self!r} is closed")
+        if not isinstance(prompt, ModelInput):
+            raise errors.ValidationError(
+                f"prompt: expected ModelInput, got {type(prompt).__name__}"
+            )
+        if any(not isinstance(c, EncodedTextChunk) for c in prompt.chunks):
+            raise errors.ValidationError("prompt: image chunks cannot be sampled from here")
+        tokens = prompt.to_ints()
+        if not tokens:
+            raise errors.ValidationError("prompt: empty prompt")
+        if min(tokens) < 0:
+            raise errors.ValidationError("prompt: token ids must be non-negative")
+        n = _validate.check_positive_int(num_samples, "num_samples")
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise errors.ValidationError(
+                f"sampling_params: expected SamplingParams, got {type(params).__name__}"
+            )
+        if not (isinstance(params.temperature, int | float) and params.temperature >= 0):
+            raise errors.ValidationError(
+                f"sampling_params.temperature: must be >= 0, got {params.temperature!r}"
+            )
+        if not (isinstance(params.top_p, int | float) and 0 < params.top_p <= 1):
+            raise errors.ValidationError(
+                f"sampling_params.top_p: must be in (0, 1], got {params.top_p!r}"
+            )
+        if not isinstance(params.top_k, int) or (params.top_k != -1 and params.top_k < 1):
+            raise errors.ValidationError(
+                f"sampling_params.top_k: must be -1 (off) or >= 1, got {params.top_k!r}"
+            )
+        if params.max_tokens is not None:
+            _validate.check_positive_int(params.max_tokens, "sampling_params.max_tokens")
+        if params.seed is not None and (
+            isinstance(params.seed, bool) or not isinstance(params.seed, int)
+        ):
+            raise errors.ValidationError(
+                f"sampling_params.seed: expected an int, got {params.seed!r}"
+            )
+        stop_strings: list[str] = []
+        stop_ids: list[int] = []
+        stop = params.stop
+        for item in [stop] if isinstance(stop, str) else (stop or []):
+            if isinstance(item, str) and item:
+                stop_strings.append(item)
+            elif isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+                stop_ids.append(item)
+            else:
+                raise errors.ValidationError(
+                    f"sampling_params.stop: expected strings or token ids, got {item!r}"
+                )
+        if (
+            isinstance(topk_prompt_logprobs, bool)
+            or not isinstance(topk_prompt_logprobs, int)
+            or not 0 <= topk_prompt_logprobs <= MAX_TOP_K_PROMPT_LOGPROBS
+        ):
+            raise errors.ValidationError(
+                f"topk_prompt_logprobs: expected 0..{MAX_TOP_K_PROMPT_LOGPROBS}, "
+                f"got {topk_prompt_logprobs!r}"
+            )
+        wants_prompt = bool(include_prompt_logprobs) or topk_prompt_logprobs > 0
+        request = SampleRequest(
+            prompt=tokens,
+            n=n,
+            temperature=float(params.temperature),
+            top_p=float(params.top_p),
+            logprobs=0,
+            return_tokens_as_token_ids=True,
+            max_tokens=params.max_tokens,
+            seed=params.seed,
+            top_k=params.top_k if params.top_k > 0 else None,
+            stop=stop_strings or None,
+            stop_token_ids=stop_ids or None,
+            prompt_logprobs=topk_prompt_logprobs if wants_prompt else None,
+        )
+        return encode(request), tokens
+
+    async def _post(self, body: bytes) -> tuple[SampleAnswer, int | None]:
+        url = f"{self._base_url}/sample"
+        headers = {**self._headers, "Idempotency-Key": uuid.uuid4().hex}
+        backoff = Backoff(base=0.05, cap=2.0)
+        deadline = anyio.current_time() + self._ready_timeout
+        while True:
+            failure: errors.LoopsError
+            try:
+                response = await self._transport.request(
+                    "POST", url, content=body, headers=headers, timeout=self._sample_timeout
+                )
+            except errors.ReadTimeoutError as exc:
+                raise errors.SampleTimeoutError(
+                    f"no answer from {url} within {self._sample_timeout:g} s"
+                ) from exc
+            except errors.TransportError as exc:
+                failure = exc
+            else:
+                status = response.status_code
+                if status == 200:
+                    try:
+                        answer: SampleAnswer = decoder_for(SampleAnswer).decode(response.content)
+                    except msgspec.DecodeError as exc:
+                        raise errors.ProtocolError(f"undecodable sample answer: {exc}") from exc
+                    version = response.headers.get(POLICY_VERSION_HEADER)
+                    return answer, int(version) if version and version.isdigit() else None
+                failure = error_for_response(response)
+                if status not in _RETRY_STATUSES:
+                    raise failure
+            delay = backoff.next_delay()
+            if anyio.current_time() + delay > deadline:
+                raise failure
+            await anyio.sleep(delay)
+
+    async def sample_async(
+        self,
+        prompt: ModelInput,
+        num_samples: int = 1,
+        sampling_params: SamplingParams | None = None,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> SampleResponse:
+        """Async twin of :meth:`sample`."""
+        body, tokens = self._build(
+            prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs
+        )
+        answer, version = await self._post(body)
+        return self._response(answer, version, tokens, topk_prompt_logprobs)
+
+    def sample(
+        self,
+        prompt: ModelInput,
+        num_samples: int = 1,
+        sampling_params: SamplingParams | None = None,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> SampleResponse:
+        """Sample ``num_samples`` completions of ``prompt`` (``POST {sampler}/sample``).
+
+        Each sequence has its tokens, their logprobs under the untempered model, a
+        ``stop_reason`` and the decoded text. With ``include_prompt_logprobs`` (or
+        ``topk_prompt_logprobs=k``) the response also has the prompt's logprobs (and the top-k
+        candidates per position). A sampler behind the policy-version floor answers 408; the
+        call retries it (and 502s) with back-off, bounded by ``ready_timeout``.
+        """
+        _portal.ensure_sync_context("sample_async")
+        body, tokens = self._build(
+            prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs
+        )
+        answer, version = _portal.run(self._post, body, twin="sample_async")
+        return self._response(answer, version, tokens, topk_prompt_logprobs)
+
+    def _response(
+        self, answer: SampleAnswer, version: int | None, prompt: list[int], k: int
+    ) -> SampleResponse:
+        sequences = []
+        for choice in answer.choices:
+            tokens = [_token_id(t) for t in choice.logprobs.tokens]
+            logprobs = [
+                math.nan if lp is None else float(lp) for lp in choice.logprobs.token_logprobs
+            ]
+            if len(tokens) > len(prompt) and tokens[: len(prompt)] == prompt:
+                # An echoed prompt: keep the completion only.
+                tokens = tokens[len(prompt) :]
+                logprobs = logprobs[len(prompt) :]
+            sequences.append(
+                SampledSequence(
+                    tokens=tokens,
+                    logprobs=logprobs,
+                    stop_reason="stop" if choice.finish_reason == "stop" else "length",
+                    text=choice.text,
+                )
+            )
+        prompt_lps: list[float | None] | None = None
+        topk: list[list[tuple[int, float]] | None] | None = None
+        if answer.choices and answer.choices[0].prompt_logprobs is not None:
+            prompt_lps, topk_all = _prompt_logprobs(answer.choices[0], prompt, k)
+            topk = topk_all if k > 0 else None
+        return SampleResponse(
+            sequences=sequences,
+            prompt_logprobs=prompt_lps,
+            topk_prompt_logprobs=topk,
+            policy_version=version,
+        )
+
+    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
+        """Async twin of :meth:`compute_logprobs`."""
+        response = await self.sample_async(
+            prompt, 1, SamplingParams(max_tokens=1, temperature=0.0), include_prompt_logprobs=True
+        )
+        return self._prompt_lps(response)
+
+    def compute_logprobs(self, prompt: ModelInput) -> list[float | None]:
+        """The logprob of each prompt token given the ones before it (``None`` for the first),
+        under the sampler's current weights."""
+        response = self.sample(
+            prompt, 1, SamplingParams(max_tokens=1, temperature=0.0), include_prompt_logprobs=True
+        )
+        return self._prompt_lps(response)
+
+    @staticmethod
+    def _prompt_lps(response: SampleResponse) -> list[float | None]:
+        if response.prompt_logprobs is None:
+            raise errors.ProtocolError("the sampler did not return prompt logprobs")
+        return response.prompt_logprobs
+
+    # ------------------------------------------------------------------ lifetime
+
+    async def aclose(self) -> None:
+        """Close the client (and its own connections, for an unpickled copy)."""
+        self._closed = True
+        if self._owns_transport:
+            await self._transport.aclose()
+
+    def close(self) -> None:
+        """Blocking twin of :meth:`aclose`."""
+        self._closed = True
+        if self._owns_transport:
+            _portal.ensure_sync_context("aclose")
+            self._transport.close()
+
+    def __enter__(self) -> SamplingClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> SamplingClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
