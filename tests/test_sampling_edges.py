@@ -1,0 +1,244 @@
+"""SamplingClient protocol edges (PROTOCOL §6) against ``httpx.MockTransport``.
+
+End-to-end sampling against the real local server is in ``test_e2e_sampling.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Callable
+
+import anyio
+import httpx
+import msgspec
+import pytest
+
+from loops_async import ModelInput, SamplingClient, SamplingParams
+from loops_async import errors as E
+from loops_async._http import Transport
+
+pytestmark = pytest.mark.anyio
+
+URL = "http://sampler.test/samplers/s1"
+PROMPT = ModelInput.from_ints([5, 6, 7])
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def answer(
+    tokens: list[object],
+    logprobs: list[float | None],
+    *,
+    finish: str = "length",
+    version: int | None = 3,
+    prompt_logprobs: object = None,
+) -> httpx.Response:
+    choice: dict[str, object] = {
+        "logprobs": {"tokens": tokens, "token_logprobs": logprobs},
+        "text": "xyz",
+        "finish_reason": finish,
+    }
+    if prompt_logprobs is not None:
+        choice["prompt_logprobs"] = prompt_logprobs
+    headers = {} if version is None else {"x-trainers-policy-version": str(version)}
+    return httpx.Response(200, json={"choices": [choice, choice]}, headers=headers)
+
+
+class Script:
+    def __init__(self, *handlers: Handler) -> None:
+        self.handlers = list(handlers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return self.handlers.pop(0)(request)
+
+
+def client(script: Script, **headers: str) -> SamplingClient:
+    transport = Transport(
+        api_key="k", timeout=10, max_connections=10, transport=httpx.MockTransport(script)
+    )
+    return SamplingClient(
+        transport=transport,
+        owns_transport=True,
+        base_url=URL,
+        base_model="loops-local/tiny-chat",
+        headers=headers or {"X-Run-Id": "run-1", "X-Min-Policy-Version": "3"},
+        ready_timeout=5,
+        sample_timeout=5,
+    )
+
+
+async def test_request_body_headers_and_parsing(anyio_backend: str) -> None:
+    script = Script(lambda r: answer(["token_id:11", 12], [-0.5, None], finish="stop"))
+    async with client(script) as sampler:
+        out = await sampler.sample_async(
+            PROMPT,
+            num_samples=2,
+            sampling_params=SamplingParams(
+                max_tokens=4, temperature=0.7, top_p=0.9, top_k=5, stop=["\n", 2], seed=9
+            ),
+        )
+    body = msgspec.json.decode(script.requests[0].content)
+    assert body == {
+        "prompt": [5, 6, 7],
+        "n": 2,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "logprobs": 0,
+        "return_tokens_as_token_ids": True,
+        "max_tokens": 4,
+        "seed": 9,
+        "top_k": 5,
+        "stop": ["\n"],
+        "stop_token_ids": [2],
+    }
+    headers = script.requests[0].headers
+    assert headers["x-run-id"] == "run-1"
+    assert headers["x-min-policy-version"] == "3"
+    assert headers["x-baseten-session-id"] == sampler.affinity_key
+    assert headers["idempotency-key"]
+    assert headers["authorization"] == "Api-Key k"
+    assert "x-sampler-id" not in headers
+    assert len(out.sequences) == 2
+    seq = out.sequences[0]
+    assert seq.tokens == [11, 12]
+    assert seq.logprobs is not None
+    assert seq.logprobs[0] == -0.5
+    assert math.isnan(seq.logprobs[1])
+    assert seq.stop_reason == "stop"
+    assert seq.text == "xyz"
+    assert out.policy_version == 3
+    assert out.prompt_logprobs is None
+
+
+async def test_greedy_defaults_omit_optional_fields(anyio_backend: str) -> None:
+    script = Script(lambda r: answer([1], [-1.0]))
+    async with client(script) as sampler:
+        await sampler.sample_async(PROMPT, sampling_params=SamplingParams(temperature=0.0))
+    body = msgspec.json.decode(script.requests[0].content)
+    assert body == {
+        "prompt": [5, 6, 7],
+        "n": 1,
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "logprobs": 0,
+        "return_tokens_as_token_ids": True,
+    }
+
+
+async def test_version_gate_and_transient_errors_are_retried_with_one_key(
+    anyio_backend: str,
+) -> None:
+    script = Script(
+        lambda r: httpx.Response(408, json={"detail": "behind"}),
+        lambda r: httpx.Response(502, text="bad gateway"),
+        lambda r: answer([1], [-1.0]),
+    )
+    async with client(script) as sampler:
+        out = await sampler.sample_async(PROMPT)
+    assert out.sequences[0].tokens == [1]
+    keys = {r.headers["idempotency-key"] for r in script.requests}
+    assert len(script.requests) == 3
+    assert len(keys) == 1
+
+
+async def test_permanent_rejection_is_not_retried(anyio_backend: str) -> None:
+    script = Script(lambda r: httpx.Response(422, json={"detail": "max_tokens: beyond context"}))
+    async with client(script) as sampler:
+        with pytest.raises(E.UnprocessableEntityError, match="max_tokens"):
+            await sampler.sample_async(PROMPT)
+    assert len(script.requests) == 1
+
+
+async def test_read_timeout_is_a_sample_timeout(anyio_backend: str) -> None:
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    async with client(Script(slow)) as sampler:
+        with pytest.raises(E.SampleTimeoutError) as info:
+            await sampler.sample_async(PROMPT)
+    assert isinstance(info.value, TimeoutError)
+
+
+async def test_prompt_logprobs_and_topk(anyio_backend: str) -> None:
+    prompt_lps = [
+        None,
+        {"6": {"logprob": -1.5, "rank": 3}, "9": {"logprob": -0.2, "rank": 1}},
+        {
+            "token_id:7": {"logprob": -0.1, "rank": 1},
+            "token_id:8": {"logprob": -3.0, "rank": 2},
+        },
+    ]
+    script = Script(lambda r: answer([1], [-1.0], prompt_logprobs=prompt_lps))
+    async with client(script) as sampler:
+        out = await sampler.sample_async(PROMPT, topk_prompt_logprobs=2)
+    assert msgspec.json.decode(script.requests[0].content)["prompt_logprobs"] == 2
+    assert out.prompt_logprobs == [None, -1.5, -0.1]
+    assert out.topk_prompt_logprobs == [None, [(9, -0.2)], [(7, -0.1), (8, -3.0)]]
+
+
+async def test_compute_logprobs(anyio_backend: str) -> None:
+    prompt_lps = [None, {"6": {"logprob": -1.0, "rank": 1}}, {"7": {"logprob": -2.0, "rank": 4}}]
+    script = Script(lambda r: answer([1], [-1.0], prompt_logprobs=prompt_lps))
+    async with client(script) as sampler:
+        assert await sampler.compute_logprobs_async(PROMPT) == [None, -1.0, -2.0]
+    body = msgspec.json.decode(script.requests[0].content)
+    assert (body["prompt_logprobs"], body["max_tokens"]) == (0, 1)
+
+
+async def test_echoed_prompt_is_stripped(anyio_backend: str) -> None:
+    script = Script(lambda r: answer([5, 6, 7, 40, 41], [-1, -1, -1, -0.5, -0.25]))
+    async with client(script) as sampler:
+        out = await sampler.sample_async(PROMPT)
+    assert out.sequences[0].tokens == [40, 41]
+    assert out.sequences[0].logprobs == [-0.5, -0.25]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prompt": ModelInput.empty()}, "empty prompt"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"sampling_params": SamplingParams(temperature=-1)}, "temperature"),
+        ({"sampling_params": SamplingParams(top_p=0.0)}, "top_p"),
+        ({"sampling_params": SamplingParams(top_p=1.5)}, "top_p"),
+        ({"sampling_params": SamplingParams(top_k=0)}, "top_k"),
+        ({"sampling_params": SamplingParams(max_tokens=0)}, "max_tokens"),
+        ({"topk_prompt_logprobs": 21}, "topk_prompt_logprobs"),
+    ],
+)
+def test_bad_input_raises_before_sending(kwargs: dict[str, object], match: str) -> None:
+    script = Script()
+    sampler = client(script)
+    call: dict[str, object] = {"prompt": PROMPT, **kwargs}
+    with pytest.raises(E.ValidationError, match=match):
+        sampler.sample(**call)  # type: ignore[arg-type]
+    assert script.requests == []
+    sampler.close()
+
+
+def test_sync_sample_and_sync_in_loop_error() -> None:
+    script = Script(lambda r: answer([3], [-0.3]))
+    sampler = client(script)
+    assert sampler.sample(PROMPT).sequences[0].tokens == [3]
+
+    async def inside() -> None:
+        with pytest.raises(E.SyncInAsyncContextError, match="sample_async"):
+            sampler.sample(PROMPT)
+
+    anyio.run(inside)
+    sampler.close()
+
+
+def test_pickled_copy_keeps_routing_but_not_secrets_in_repr() -> None:
+    sampler = client(Script(), **{"X-Run-Id": "run-9", "X-Checkpoint-Path": "bt://loops:r/x/y"})
+    copy = pickle.loads(pickle.dumps(sampler))
+    assert copy.affinity_key == sampler.affinity_key
+    assert copy.checkpoint_path == "bt://loops:r/x/y"
+    assert copy._headers["X-Run-Id"] == "run-9"
+    assert copy._transport._headers["Authorization"] == "Api-Key k"
+    assert "Api-Key" not in repr(copy)
+    copy.close()
+    sampler.close()
