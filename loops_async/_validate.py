@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .errors import ValidationError
@@ -24,6 +25,7 @@ from .types import (
 __all__ = [
     "adam_params_problem",
     "check_adam_params",
+    "check_api_key",
     "check_checkpoint_name",
     "check_checkpoint_path",
     "check_data",
@@ -133,8 +135,10 @@ def check_loss_fn(
         ):
             raise ValidationError("loss_fn_config: expected a dict with string keys or None")
         for key, value in loss_fn_config.items():
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValidationError(f"loss_fn_config[{key!r}]: expected a number, got {value!r}")
+            if not isinstance(value, bool | int | float):  # flags are booleans
+                raise ValidationError(
+                    f"loss_fn_config[{key!r}]: expected a number or a boolean, got {value!r}"
+                )
     if (
         isinstance(top_k_logprobs, bool)
         or not isinstance(top_k_logprobs, int)
@@ -151,18 +155,20 @@ def adam_params_problem(params: AdamParams) -> str | None:
     """What is wrong with optimizer settings Adam cannot use, naming the field; or None.
 
     Shared by the client (``ValidationError``) and the local server (422)."""
-    rules: list[tuple[str, float, bool, str]] = [
-        ("learning_rate", params.learning_rate, params.learning_rate >= 0, ">= 0"),
-        ("beta1", params.beta1, 0 <= params.beta1 < 1, "in [0, 1)"),
-        ("beta2", params.beta2, 0 <= params.beta2 < 1, "in [0, 1)"),
-        ("eps", params.eps, params.eps > 0, "> 0"),
-        ("weight_decay", params.weight_decay, params.weight_decay >= 0, ">= 0"),
-        ("grad_clip_norm", params.grad_clip_norm, params.grad_clip_norm >= 0, ">= 0"),
+    rules: list[tuple[str, Callable[[float], bool], str]] = [
+        ("learning_rate", lambda v: v >= 0, ">= 0"),
+        ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("eps", lambda v: v > 0, "> 0"),
+        ("weight_decay", lambda v: v >= 0, ">= 0"),
+        ("grad_clip_norm", lambda v: v >= 0, ">= 0"),
     ]
-    for name, value, ok, rule in rules:
+    for name, ok, rule in rules:
+        value = getattr(params, name)
+        # Types first: comparing a str (or a huge int in isfinite) would raise.
         if isinstance(value, bool) or not isinstance(value, int | float):
             return f"adam_params.{name}: expected a number, got {value!r}"
-        if not math.isfinite(value) or not ok:
+        if abs(value) > sys.float_info.max or not math.isfinite(value) or not ok(value):
             return f"adam_params.{name}: must be {rule} and finite, got {value!r}"
     return None
 
@@ -175,6 +181,17 @@ def check_adam_params(params: object) -> AdamParams:
     if problem is not None:
         raise ValidationError(problem)
     return params
+
+
+def check_api_key(api_key: object) -> str:
+    """The API key without surrounding whitespace (a key read from a file keeps its newline);
+    it must be printable ASCII, like any HTTP header value. Errors never show the key."""
+    key = api_key.strip() if isinstance(api_key, str) else None
+    if not key or not key.isascii() or not key.isprintable():
+        raise ValidationError(
+            "api_key: must be a non-empty string of printable ASCII characters (not shown here)"
+        )
+    return key
 
 
 def check_checkpoint_name(name: object, field: str = "name") -> str:

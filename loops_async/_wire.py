@@ -165,11 +165,13 @@ class SampleRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt_logprobs: int | None = None
 
 
-class ChoiceLogprobs(msgspec.Struct, kw_only=True):
-    """``choices[i].logprobs``: the completion's tokens and their logprobs."""
+class ChoiceLogprobs(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``choices[i].logprobs``: the completion's tokens and their logprobs (``top_logprobs``:
+    per token the ``logprobs`` likeliest candidates, ``{token: logprob}``, when asked for)."""
 
     tokens: list[str | int]
     token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None = None
 
 
 class PromptLogprob(msgspec.Struct, kw_only=True):
@@ -186,6 +188,8 @@ class SampleChoice(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: ChoiceLogprobs
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    """What stopped it (vLLM): the stop string or stop token id; None for EOS or length."""
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None

@@ -132,6 +132,8 @@ class ServiceClient:
             raise errors.ValidationError(f"base_url: expected an http(s) URL, got {url!r}")
         if api_key is None:
             api_key = os.environ.get("BASETEN_API_KEY") or None
+        if api_key is not None:
+            api_key = _validate.check_api_key(api_key)
         self._base_url = url.rstrip("/")
         self._has_key = bool(api_key)
         self._team = team

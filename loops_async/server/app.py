@@ -15,6 +15,11 @@ Routes (``{team}`` = ``/v1/loops`` or ``/v1/teams/<team_id>/loops``)::
     GET  /runs/<run_id>/health?base_model=        200 ready, 503 loading or failed
     GET  /runs/<run_id>/policy_version            {"policy_version": n}
 
+plus the sampler and checkpoint-file routes of :mod:`~loops_async.server.sampler_routes`
+(``POST {team}/samplers``, ``/samplers/<sampler_id>/...``, ``/v1/models/<model_id>/deployments/
+<dep_id>``, ``/v1/loops/checkpoints/<id>/source|files``, ``/v1/loops/checkpoints/validate`` and
+``GET /files/<token>``).
+
 Every rejection has a JSON body with ``detail``; every invalid request is a 422 with
 ``"error_class": "ValidationError"`` whose ``detail`` names the field. An optional API key guards
 every route; request bodies are capped (413).
@@ -28,7 +33,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -55,11 +60,14 @@ from .._wire import (
 )
 from .backend import InvalidRequest
 from .models import BUILTIN_MODELS, UnknownModelError, resolve_model
-from .operations import Operation
+from .operations import Operation, SubmitRejected
 from .runs import OP_REQUEST_TYPES, Run, ServerState, Session, new_id
 from .settings import ServerSettings
 from .storage import CheckpointRef, validate_name
 from .validation import validate_adam_params, validate_forward_request, validate_lora_rank
+
+if TYPE_CHECKING:
+    from .sampler_routes import SamplingHandlers
 
 __all__ = ["create_app", "get_state"]
 
@@ -142,7 +150,8 @@ class GuardMiddleware:
     With ``api_key`` set, a request without ``Authorization: Api-Key <key>`` (``Bearer`` is also
     accepted) gets 401; the comparison takes constant time. A body over ``max_body_bytes`` gets
     413: at once when ``Content-Length`` says so (nothing is read), else as soon as the streamed
-    body crosses the limit.
+    body crosses the limit. ``GET /files/<token>`` download links carry their own signature (like
+    presigned URLs) and need no key.
     """
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
@@ -158,7 +167,11 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
-        if self._key is not None and not self._authorized(headers.get(b"authorization")):
+        if (
+            self._key is not None
+            and not str(scope.get("path", "")).startswith("/files/")
+            and not self._authorized(headers.get(b"authorization"))
+        ):
             await _send_json(
                 send,
                 401,
@@ -252,8 +265,10 @@ def _decode(typ: type[T], body: bytes) -> T:
         return cast(T, decoder.decode(body))
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"invalid request body: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is not valid JSON: nested too deeply") from None
 
 
 async def _offload(size: int, fn: Callable[[], T]) -> T:
@@ -263,9 +278,17 @@ async def _offload(size: int, fn: Callable[[], T]) -> T:
     return fn()
 
 
+_MAX_TTL_SECONDS = 2**53
+"""The largest ``ttl_seconds`` (beyond it, adding it to the clock loses precision or
+overflows)."""
+
+
 def _check_ttl(ttl: object) -> None:
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl < 1):
-        raise InvalidRequest(f"ttl_seconds: must be a positive integer or null, got {ttl!r}")
+    if ttl is not None and (
+        isinstance(ttl, bool) or not isinstance(ttl, int) or not 1 <= ttl <= _MAX_TTL_SECONDS
+    ):
+        shown = repr(ttl) if len(repr(ttl)) <= 40 else "(too large)"
+        raise InvalidRequest(f"ttl_seconds: must be an integer in 1..2**53 or null, got {shown}")
 
 
 # --------------------------------------------------------------------------- handlers
@@ -353,7 +376,8 @@ class _Handlers:
             spec = resolve_model(req.base_model)
         except UnknownModelError as exc:
             raise InvalidRequest(f"base_model: {exc}") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            # RuntimeError: "~user/..." for an unknown user (Path.expanduser).
             raise InvalidRequest(
                 f"base_model: cannot read the model directory {req.base_model!r}: {exc!r}"
             ) from None
@@ -471,11 +495,21 @@ class _Handlers:
         if existing is not None:
             return self._accepted(existing)
         body = await request.body()
-        req = await _offload(len(body), functools.partial(self._parse_op, run, kind, typ, body))
+        try:
+            req = await _offload(len(body), functools.partial(self._parse_op, run, kind, typ, body))
+        except SubmitRejected:
+            # A copy of this submit (same key) may have been admitted while this one's body
+            # was arriving: its seq_id is taken now, by the very operation it asks for.
+            existing = run.ops.find_key(key)
+            if existing is None:
+                raise
+            return self._accepted(existing)
         existing = run.ops.find_key(key)
         if existing is not None:
             return self._accepted(existing)
         self._not_shutting_down()
+        if run.ops.closed:
+            raise HTTPError(503, f"run {run.id} accepts no more operations: {run.load_error}")
         op = run.ops.admit(kind, req.seq_id, req, key)
         return self._accepted(op)
 
@@ -601,18 +635,20 @@ class _Handlers:
 # --------------------------------------------------------------------------- app factory
 
 
-def _control_plane_routes(h: _Handlers) -> list[BaseRoute]:
+def _control_plane_routes(h: _Handlers, sampling: SamplingHandlers) -> list[BaseRoute]:
+    from .sampler_routes import checkpoint_routes, sampler_control_routes
+
     routes: list[BaseRoute] = [Route("/v1/teams", h.teams, methods=["GET"])]
     for prefix in ("/v1/loops", "/v1/teams/{team_id}/loops"):
         routes += [
             Route(f"{prefix}/sessions", h.create_session, methods=["POST"]),
             Route(f"{prefix}/trainers", h.create_trainer, methods=["POST"]),
-            # Extension point: POST {prefix}/samplers goes here.
+            *sampler_control_routes(sampling, prefix),
         ]
     routes += [
         Route("/v1/loops/deployments/{deployment_id}", h.deployment, methods=["GET"]),
         Route("/v1/loops/checkpoints", h.checkpoints, methods=["GET"]),
-        # Extension point: /v1/loops/checkpoints/{id}/source, /files and /validate go here.
+        *checkpoint_routes(sampling),
         Route("/v1/loops/capabilities", h.capabilities, methods=["GET"]),
     ]
     return routes
@@ -636,13 +672,17 @@ def create_app(settings: ServerSettings) -> Starlette:
     executes its operations; leaving the lifespan wakes pending long-polls (503) and cancels
     them. The live :class:`~loops_async.server.runs.ServerState` is ``get_state(app)``.
     """
+    # Imported here: sampler_routes uses this module's HTTPError and body helpers.
+    from .sampler_routes import SamplingHandlers, sampler_routes
+
     state = ServerState(settings)
     handlers = _Handlers(state)
+    sampling = SamplingHandlers(state)
     routes: list[BaseRoute] = [
         Route("/", handlers.root, methods=["GET"]),
-        *_control_plane_routes(handlers),
+        *_control_plane_routes(handlers, sampling),
         *_trainer_routes(handlers),
-        # Extension point: sampler routes (/samplers/{sampler_id}/...) and /files go here.
+        *sampler_routes(sampling),
     ]
 
     @asynccontextmanager

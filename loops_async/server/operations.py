@@ -5,18 +5,19 @@ thread-safe; nothing in it blocks). Its rules:
 
 - **Idempotency.** A submit carrying an ``Idempotency-Key`` the log has seen gets the operation
   that key created (same id; it never runs twice). The operation id is the key itself when the key
-  is a sane string (1-128 characters of ``[A-Za-z0-9._:~-]``), else a generated hex id. Keys are
-  remembered as long as their operation is (see TTL below).
+  is a sane string (1-128 characters of ``[A-Za-z0-9._:~-]``, not only dots: a URL path segment
+  ``.`` or ``..`` cannot be polled), else a generated hex id. Keys are remembered as long as their
+  operation is (see TTL below).
 - **Order.** Operations run one at a time, in increasing ``seq_id``. The executor
   (:meth:`OperationLog.run`) runs ``next_seq`` as soon as it is admitted. When ``next_seq`` is
   missing but a later one is queued, the executor waits up to ``seq_gap_timeout`` for it, then
   skips the gap and runs the lowest queued ``seq_id`` (a client may burn a seq when a caller is
   cancelled mid-submit).
 - **Admission.** A new (non-duplicate) submit is rejected (:class:`SubmitRejected`, a 422) when
-  its ``seq_id`` is below 1, below ``next_seq`` (already run or skipped), or already queued under
-  another key. Exception: ``init_trainer_server`` with ``seq_id`` 1 starts a new sequence once the
-  old one has begun: queued operations of the old sequence are cancelled and ``next_seq`` goes back
-  to 1 (an operation that is running finishes first).
+  its ``seq_id`` is below 1 or above ``2**63 - 1``, below ``next_seq`` (already run or skipped),
+  or already queued under another key. Exception: ``init_trainer_server`` with ``seq_id`` 1
+  starts a new sequence once the old one has begun: queued operations of the old sequence are
+  cancelled and ``next_seq`` goes back to 1 (an operation that is running finishes first).
 - **Retrieve.** :meth:`OperationLog.wait` holds a long-poll on an :class:`anyio.Event` (no thread)
   until the operation finishes, the hold runs out, or the server shuts down.
 - **TTL.** A finished operation (and its key) is forgotten ``result_ttl`` seconds after it
@@ -25,7 +26,8 @@ thread-safe; nothing in it blocks). Its rules:
   a running or finished one cannot.
 - **Errors.** :class:`~loops_async.server.backend.InvalidRequest` raised while running becomes
   ``{"status": "error", "error_class": "ValidationError"}``; any other exception its class name.
-  The executor never dies of an operation's exception.
+  The executor never dies of an operation's exception; should it die of a bug of its own,
+  ``close(reason)`` fails every unfinished operation with ``reason``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ __all__ = [
 
 logger = logging.getLogger("loops_async.server")
 
-_SANE_KEY = re.compile(r"[A-Za-z0-9._:~-]{1,128}")
+_SANE_KEY = re.compile(r"(?!\.+$)[A-Za-z0-9._:~-]{1,128}")
+MAX_SEQ_ID = 2**63 - 1
+"""The largest ``seq_id`` (an int64)."""
 _encoder = msgspec.json.Encoder()
 
 CANCELLED_ERROR_CLASS = "OperationCancelled"
@@ -215,8 +219,9 @@ class OperationLog:
 
     def check_seq(self, kind: str, seq_id: int) -> None:
         """Raise :class:`SubmitRejected` if a new operation with ``seq_id`` cannot be admitted."""
-        if isinstance(seq_id, bool) or not isinstance(seq_id, int) or seq_id < 1:
-            raise SubmitRejected(f"seq_id: must be an integer >= 1, got {seq_id!r}")
+        if isinstance(seq_id, bool) or not isinstance(seq_id, int) or not 1 <= seq_id <= MAX_SEQ_ID:
+            shown = repr(seq_id) if len(repr(seq_id)) <= 40 else "(too large)"
+            raise SubmitRejected(f"seq_id: must be an integer in 1..2**63-1, got {shown}")
         if kind == "init_trainer_server" and seq_id == 1 and self._restarts_sequence():
             return
         if seq_id < self._next_seq:
@@ -309,10 +314,15 @@ class OperationLog:
                 await op._wake.wait()
         return op.finished
 
-    def close(self) -> None:
-        """Shut down: wake every waiting long-poll (they answer 503); refuse new submits."""
+    def close(self, reason: str | None = None) -> None:
+        """Shut down: wake every waiting long-poll (they answer 503); refuse new submits.
+
+        With a ``reason`` (the executor died), every unfinished operation fails with it
+        instead, so its long-polls get a final answer rather than 408 forever."""
         self._closed = True
         for op in self._ops.values():
+            if reason is not None and not op.finished:
+                self._fail(op, reason, "ExecutorError")
             op._wake.set()
         self._notify()
 
@@ -348,15 +358,15 @@ class OperationLog:
                     await changed.wait()
                 continue
             lowest = min(self._queued)
-            missing = list(range(self._next_seq, lowest))
+            first, last = self._next_seq, lowest - 1  # the gap may be huge: never list it
             logger.warning(
                 "run %s: seq_id %s never arrived within %.1f s; skipping to %d",
                 self.name,
-                missing[0] if len(missing) == 1 else f"{missing[0]}..{missing[-1]}",
+                first if first == last else f"{first}..{last}",
                 self.seq_gap_timeout,
                 lowest,
             )
-            self.skipped_seqs.extend(missing)
+            self.skipped_seqs.extend(range(max(first, last - 999), lowest))
             del self.skipped_seqs[:-1000]
             self._next_seq = lowest
             self._gap_since = None

@@ -44,6 +44,7 @@ from ..types import (
 from .backend import InvalidRequest, TrainerBackend
 from .models import ModelSpec
 from .operations import Operation, OperationLog
+from .sampler import SamplerService
 from .settings import ServerSettings
 from .storage import CheckpointRef, Storage
 
@@ -324,6 +325,8 @@ class ServerState:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.storage = Storage(settings.data_dir)
+        self.samplers = SamplerService(settings, self.storage)
+        """Samplers and their engines (``POST /samplers``)."""
         self.sessions: dict[str, Session] = {}
         self.runs: dict[str, Run] = {}
         """Runs by id."""
@@ -340,6 +343,7 @@ class ServerState:
     def attach(self, task_group: anyio.abc.TaskGroup | None) -> None:
         """Give the state the app's task group (None when the app stops)."""
         self._task_group = task_group
+        self.samplers.attach(task_group)
 
     def add_run(self, run: Run) -> None:
         """Register a run and start building its backend and its executor."""
@@ -359,13 +363,14 @@ class ServerState:
             logger.exception("run %s: executor crashed", run.id)
             run.status = "FAILED"
             run.load_error = f"executor crashed: {type(exc).__name__}: {exc}"
-            run.ops.close()
+            run.ops.close(run.load_error)  # its pending operations fail, not 408 forever
 
     def begin_shutdown(self) -> None:
         """Stop accepting work and wake every long-poll so it answers 503 (idempotent)."""
         if self.shutting_down:
             return
         self.shutting_down = True
+        self.samplers.close()
         for run in self.runs.values():
             run.ops.close()
 

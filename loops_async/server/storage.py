@@ -302,6 +302,41 @@ class Storage:
         found = self.lookup(ref)
         return [] if found is None else [found[1]]
 
+    def find_by_id(self, checkpoint_id: str) -> tuple[CheckpointRef, Path, CheckpointRecord] | None:
+        """The live checkpoint whose record ``id`` is ``checkpoint_id`` (a scan of the data
+        directory), or None."""
+        if _NAME_RE.fullmatch(checkpoint_id) is None or not self.runs_dir.is_dir():
+            return None
+        for run_dir in sorted(self.runs_dir.iterdir()):
+            if _NAME_RE.fullmatch(run_dir.name) is None or run_dir.is_symlink():
+                continue
+            for kind in _KINDS:
+                folder = run_dir / kind
+                if not folder.is_dir():
+                    continue
+                for entry in sorted(folder.iterdir()):
+                    if _NAME_RE.fullmatch(entry.name) is None:
+                        continue
+                    ref = CheckpointRef(run_id=run_dir.name, kind=kind, name=entry.name)
+                    found = self.lookup(ref)
+                    if found is not None and found[1].id == checkpoint_id:
+                        return ref, found[0], found[1]
+        return None
+
+    @staticmethod
+    def checkpoint_files(directory: Path) -> list[tuple[str, Path]]:
+        """``(relative name, path)`` of every regular file of a checkpoint directory, sorted by
+        name; the server's own ``checkpoint.json`` and symlinks are left out."""
+        out: list[tuple[str, Path]] = []
+        for path in directory.rglob("*"):
+            if path.is_symlink() or not path.is_file():
+                continue
+            rel = path.relative_to(directory).as_posix()
+            if rel != CHECKPOINT_METADATA:
+                out.append((rel, path))
+        out.sort(key=lambda item: item[0])
+        return out
+
     # ----------------------------------------------------------------------- cleanup
 
     def _delete(self, link: Path, directory: Path) -> None:
@@ -328,7 +363,9 @@ class Storage:
                 if not folder.is_dir():
                     continue
                 for link in folder.iterdir():
-                    if link.name.endswith(".tmp"):
+                    # Our temporary links are ".<name>.<uid>.tmp"; a checkpoint name never starts
+                    # with "." (but may end in ".tmp").
+                    if link.name.startswith(".") and link.name.endswith(".tmp"):
                         with contextlib.suppress(OSError):
                             link.unlink()
                         continue

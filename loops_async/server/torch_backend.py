@@ -12,7 +12,9 @@ Semantics (PROTOCOL.md §3 and §5):
   ``dpo``), plus the loss's own metrics (``clip_fraction`` and ``ratio_mean`` for ``ppo`` /
   ``cispo``, ``ratio_mean`` for ``importance_sampling``, ``masked_fraction`` for ``dppo``,
   ``reward_accuracy`` / ``reward_margin`` for ``dpo``) and ``skip_token_normalization: 1.0`` when
-  that flag was set.
+  that flag was set. They are always JSON numbers: a call whose loss or a metric is not finite
+  (inputs too large for float32, or an adapter with non-finite weights) fails with
+  :class:`~loops_async.server.backend.InvalidRequest` before its gradient is accumulated.
 - ``loss_fn_outputs``: per datum ``logprobs`` (float32, shaped like ``target_tokens``, NaN where
   the target is ``-100``); with ``top_k_logprobs = k > 0`` also ``top_k_logprobs`` (float32,
   ``(N, k)``) and ``top_k_token_ids`` (int64, ``(N, k)``): the k likeliest next tokens at each
@@ -321,6 +323,18 @@ class TorchTrainer:
                 denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(params.eps)
                 param.addcdiv_(exp_avg, denom, value=-lr / bias1)
 
+    def _non_finite(self, *, discard: bool) -> InvalidRequest:
+        """The error for a loss or metric that is not finite. ``discard``: earlier micro-batches
+        of the call are already in the gradient buffer, which is then cleared."""
+        if discard:
+            self._clear_grads()
+        return InvalidRequest(
+            "loss_fn_inputs / loss_fn_config: the loss or a metric is not finite (NaN or inf): "
+            "values too large for float32, or an adapter with non-finite weights (load a "
+            "checkpoint or call init_trainer_server)"
+            + ("; the accumulated gradient was discarded" if discard else "")
+        )
+
     def _micro_batches(self, prepared: PreparedRequest) -> list[tuple[int, int]]:
         """Contiguous ``[start, end)`` ranges of datums under the logits budget (``dpo`` pairs
         are never split)."""
@@ -392,9 +406,12 @@ class TorchTrainer:
                 all_lp = torch.gather(logits, -1, targets.clamp(min=0)) - log_norm
                 lp = torch.where(valid, all_lp, torch.zeros_like(all_lp))
                 result = loss_fn(lp, valid, inputs, prepared.config)
+                loss_sum = float(result.loss_sum.detach().item())
+                if not all(map(math.isfinite, (loss_sum, *result.metric_sums.values()))):
+                    raise self._non_finite(discard=backward and start > 0)
                 if backward:
                     torch.autograd.backward(result.loss_sum)
-            loss_total += float(result.loss_sum.detach().item())
+            loss_total += loss_sum
             units_total += result.active
             for name, value in result.metric_sums.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + value

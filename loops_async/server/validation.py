@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -76,6 +76,9 @@ KNOWN_DTYPES: tuple[str, ...] = (
 """The wire dtypes of PROTOCOL.md §4."""
 
 _INT_DTYPES = frozenset({"int64", "int32"})
+_G = TypeVar("_G", bound=np.generic)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""Config values and float inputs must fit the trainer's float32 arithmetic."""
 
 ConfigValue = float | bool
 """A ``loss_fn_config`` value: a number, or a flag."""
@@ -273,9 +276,10 @@ def resolve_loss_config(loss_fn: str, config: Mapping[str, Any] | None) -> dict[
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidRequest(f"{where}: expected a number, got {value!r}")
-        number = float(value)
+        number = float(value) if abs(value) <= _FLOAT32_MAX else math.inf
         if not math.isfinite(number):
-            raise InvalidRequest(f"{where}: must be finite, got {value!r}")
+            shown = repr(value) if len(repr(value)) <= 40 else "(too large)"
+            raise InvalidRequest(f"{where}: must be finite and fit a float32, got {shown}")
         if number < 0:
             raise InvalidRequest(f"{where}: must be >= 0, got {value!r}")
         out[key] = number
@@ -485,16 +489,25 @@ def _as_int_array(where: str, value: Any) -> npt.NDArray[np.int64]:
         raise InvalidRequest(f"{where}: dtype {dtype!r} is not an integer dtype (int64 or int32)")
     floats = _as_float64(where, data)
     ints = np.zeros(floats.shape, dtype=np.int64)
-    finite = np.isfinite(floats)
-    ints[finite] = floats[finite].astype(np.int64)
-    if not finite.all() or (ints != floats).any():
+    fits = np.abs(floats) < 2.0**63  # False for NaN and inf; casting those would warn
+    ints[fits] = floats[fits].astype(np.int64)
+    if not fits.all() or (ints != floats).any():
         raise InvalidRequest(f"{where}: data must be integers (no null or fractional values)")
-    return ints.reshape(shape)
+    return _reshape(where, ints, shape)
 
 
 def _as_float_array(where: str, value: Any) -> npt.NDArray[np.float32]:
     data, _dtype, shape = _tensor_fields(where, value)
-    return _as_float64(where, data).astype(np.float32).reshape(shape)
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf, rejected where it counts
+        floats = _as_float64(where, data).astype(np.float32)
+    return _reshape(where, floats, shape)
+
+
+def _reshape(where: str, arr: npt.NDArray[_G], shape: list[int]) -> npt.NDArray[_G]:
+    try:
+        return arr.reshape(shape)
+    except ValueError:  # too many dimensions, or a product that overflows (with a 0 in it)
+        raise InvalidRequest(f"{where}: shape {shape} is not a valid tensor shape") from None
 
 
 def _check_first_dim(where: str, shape: tuple[int, ...], n: int) -> None:

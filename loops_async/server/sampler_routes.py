@@ -1,0 +1,443 @@
+"""HTTP routes of samplers and checkpoint files (PROTOCOL.md §6-7), mounted by
+:func:`~loops_async.server.app.create_app`::
+
+    POST {team}/samplers                                  {"sampler": {"id", "base_url", ...}}
+    GET  /v1/models/<model_id>/deployments/<dep_id>       {"status": "DEPLOYING"|"ACTIVE"|...}
+    POST /samplers/<sampler_id>/sample                    {"choices": [...]} (+ policy header)
+    GET  /samplers/<sampler_id>/v1/models                 {"data": [{"id", "parent"}]}
+    GET  /samplers/<sampler_id>/trainers_policy_version   {"policy_version": n}
+    GET  /samplers/<sampler_id>/health                    200 ready, 503 loading or failed
+    POST /samplers/<sampler_id>/wake                      200 {"status"}
+    GET  /v1/loops/checkpoints/<id>/source                {"source": {"kind": "s3"}}
+    GET  /v1/loops/checkpoints/<id>/files                 {"presigned_urls": [...], ...}
+    POST /v1/loops/checkpoints/validate                   {"valid": true, "checkpoint": {...}}
+    GET  /files/<token>                                   the file's bytes
+
+Errors follow :mod:`~loops_async.server.app`: invalid input is a 422 ``ValidationError`` naming
+the field (headers by their canonical name, e.g. ``X-Min-Policy-Version``); ``/sample`` answers
+408 while the live adapter is behind ``X-Min-Policy-Version`` (the client retries) and 503 while
+the server shuts down or when the model failed to load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import msgspec
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from .._wire import (
+    CheckpointFiles,
+    CreateSamplerRequest,
+    CreateSamplerResponse,
+    ModelEntry,
+    ModelList,
+    SampleAnswer,
+    SamplerInfo,
+    ValidateCheckpointRequest,
+)
+from ..types import CheckpointFile
+from .app import HTTPError, _decode, _json
+from .backend import InvalidRequest
+from .file_links import FileLinks
+from .models import ModelSpec, UnknownModelError, resolve_model
+from .runs import ServerState
+from .sampler import SampleBody, Sampler, SamplerError, validate_sample
+from .storage import CheckpointRecord, CheckpointRef, validate_name
+
+__all__ = ["SamplingHandlers", "checkpoint_routes", "sampler_control_routes", "sampler_routes"]
+
+POLICY_VERSION_HEADER = "x-trainers-policy-version"
+"""The response header that says which policy version served a ``/sample``."""
+MAX_PAGE_SIZE = 1000
+"""The largest ``page_size`` of ``/checkpoints/<id>/files``."""
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+"""The PEFT files a usable checkpoint holds (the names of :mod:`~loops_async.server.lora`,
+which imports torch; this module must not)."""
+
+_encoder = msgspec.json.Encoder()
+
+
+def _raise(exc: SamplerError) -> HTTPError:
+    return HTTPError(exc.status, exc.detail, headers=exc.headers)
+
+
+def _int_param(value: str | None, name: str, default: int, low: int, high: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidRequest(f"{name}: must be an integer, got {value!r}") from None
+    if not low <= number <= high:
+        raise InvalidRequest(f"{name}: must be in {low}..{high}, got {number}")
+    return number
+
+
+def _min_version(headers: Mapping[str, str]) -> int | None:
+    raw = headers.get("x-min-policy-version")
+    if raw is None:
+        return None
+    text = raw.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise InvalidRequest(
+            f"X-Min-Policy-Version: must be a non-negative integer, got {raw[:40]!r}"
+        )
+    return int(text)
+
+
+class SamplingHandlers:
+    """The route handlers of samplers and checkpoint files, bound to one
+    :class:`~loops_async.server.runs.ServerState`."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.service = state.samplers
+        self.links = FileLinks(state.storage)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _team(self, request: Request) -> None:
+        team = request.path_params.get("team_id")
+        if team is not None and team != ServerState.TEAM_ID:
+            raise HTTPError(
+                404,
+                f"unknown team {team!r}; the local server has one team, {ServerState.TEAM_ID!r}",
+            )
+
+    def _not_shutting_down(self) -> None:
+        if self.state.shutting_down:
+            raise HTTPError(503, "the server is shutting down")
+
+    def _sampler(self, request: Request) -> Sampler:
+        sampler_id = request.path_params["sampler_id"]
+        sampler = self.service.samplers.get(sampler_id)
+        if sampler is None:
+            raise HTTPError(404, f"unknown sampler {sampler_id!r}")
+        header = request.headers.get("x-sampler-id")
+        if header is not None and header != sampler.id:
+            raise InvalidRequest(
+                f"X-Sampler-Id: header {header!r} does not match sampler {sampler.id!r}"
+            )
+        run_header = request.headers.get("x-run-id")
+        if sampler.run is not None and run_header is not None and run_header != sampler.run.id:
+            raise InvalidRequest(
+                f"X-Run-Id: header {run_header!r} does not match the run {sampler.run.id!r} "
+                f"of sampler {sampler.id!r}"
+            )
+        return sampler
+
+    def _info(self, request: Request, sampler: Sampler) -> SamplerInfo:
+        base = str(request.base_url).rstrip("/")
+        return SamplerInfo(
+            id=sampler.id,
+            base_url=f"{base}/samplers/{sampler.id}",
+            base_model=sampler.base_model,
+            model_id=sampler.model_id,
+            deployment_id=sampler.deployment_id,
+            created_at=sampler.created_at,
+        )
+
+    # ----------------------------------------------------------------- control plane
+
+    async def create_sampler(self, request: Request) -> Response:
+        """``POST {team}/samplers``: a paired sampler (``run_id``; the same one per run) or a
+        standalone one (``base_model`` or a ``model_path`` checkpoint)."""
+        self._team(request)
+        self._not_shutting_down()
+        req = _decode(CreateSamplerRequest, await request.body())
+        if req.session_id not in self.state.sessions:
+            raise InvalidRequest(
+                f"session_id: unknown session {req.session_id!r} (create one with POST /sessions)"
+            )
+        if req.num_replicas is not None and req.num_replicas < 1:
+            raise InvalidRequest(f"num_replicas: must be >= 1, got {req.num_replicas}")
+        try:
+            if req.run_id is not None:
+                sampler = self._create_paired(req)
+            else:
+                sampler = self._create_standalone(req)
+        except SamplerError as exc:
+            raise _raise(exc) from None
+        return _json(CreateSamplerResponse(sampler=self._info(request, sampler)))
+
+    def _create_paired(self, req: CreateSamplerRequest) -> Sampler:
+        assert req.run_id is not None
+        run = self.state.runs.get(req.run_id)
+        if run is None:
+            raise InvalidRequest(f"run_id: unknown run {req.run_id!r}")
+        if req.model_path is not None:
+            raise InvalidRequest(
+                "model_path: a paired sampler (run_id) serves its run's published adapter; "
+                "leave model_path out or create a standalone sampler"
+            )
+        if req.base_model is not None and req.base_model != run.base_model:
+            raise InvalidRequest(
+                f"base_model: {req.base_model!r} is not the base model {run.base_model!r} of "
+                f"run {run.id!r}"
+            )
+        if req.max_seq_length is not None:
+            self._context(run.spec, req.max_seq_length)
+        return self.service.create_paired(run, req.session_id)
+
+    def _create_standalone(self, req: CreateSamplerRequest) -> Sampler:
+        checkpoint: CheckpointRef | None = None
+        if req.model_path is not None:
+            ref, _, record = self.state.storage.resolve(req.model_path, "model_path")
+            name = record.base_model or ""
+            if req.base_model is not None and req.base_model != name:
+                raise InvalidRequest(
+                    f"base_model: {req.base_model!r} is not the base model {name!r} of "
+                    f"checkpoint {ref.uri}"
+                )
+            spec = self._spec(name, "model_path")
+            checkpoint = ref
+        elif req.base_model is not None:
+            spec = self._spec(req.base_model, "base_model")
+        else:
+            raise InvalidRequest(
+                "base_model: give base_model or model_path for a standalone sampler (or run_id "
+                "for one paired with a run)"
+            )
+        context = self._context(spec, req.max_seq_length)
+        return self.service.create_standalone(
+            spec, req.session_id, context=context, checkpoint=checkpoint
+        )
+
+    @staticmethod
+    def _spec(name: str, field: str) -> ModelSpec:
+        try:
+            return resolve_model(name)
+        except UnknownModelError as exc:
+            raise InvalidRequest(f"{field}: {exc}") from None
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            # RuntimeError: "~user/..." for an unknown user (Path.expanduser).
+            raise InvalidRequest(
+                f"{field}: cannot read the model directory {name!r}: {exc!r}"
+            ) from None
+
+    @staticmethod
+    def _context(spec: ModelSpec, max_seq_length: int | None) -> int:
+        if max_seq_length is None:
+            return spec.max_seq_len
+        if not 1 <= max_seq_length <= spec.max_seq_len:
+            raise InvalidRequest(
+                f"max_seq_length: must be in 1..{spec.max_seq_len} for {spec.name!r}, "
+                f"got {max_seq_length}"
+            )
+        return max_seq_length
+
+    async def deployment(self, request: Request) -> Response:
+        """``GET /v1/models/<model_id>/deployments/<deployment_id>``: DEPLOYING, ACTIVE or
+        DEPLOY_FAILED."""
+        model_id = request.path_params["model_id"]
+        deployment_id = request.path_params["deployment_id"]
+        sampler = self.service.by_model.get(model_id)
+        if sampler is None or sampler.deployment_id != deployment_id:
+            raise HTTPError(404, f"unknown deployment {deployment_id!r} of model {model_id!r}")
+        body: dict[str, Any] = {
+            "id": deployment_id,
+            "model_id": model_id,
+            "status": sampler.worker.status,
+        }
+        if sampler.worker.load_error is not None:
+            body["detail"] = sampler.worker.load_error
+        return _json(body)
+
+    # ----------------------------------------------------------------- sampler
+
+    async def sample(self, request: Request) -> Response:
+        """``POST /samplers/<id>/sample``: generate; 200 with the choices and the
+        ``x-trainers-policy-version`` that served them."""
+        sampler = self._sampler(request)
+        self._not_shutting_down()
+        body = _decode(SampleBody, await request.body())
+        req = validate_sample(body, context=sampler.context, vocab_size=sampler.vocab_size)
+        min_version = _min_version(request.headers)
+        pinned = request.headers.get("x-checkpoint-path")
+        try:
+            adapter = sampler.route(min_version, pinned)
+        except SamplerError as exc:
+            error = _raise(exc)
+            error.headers.setdefault(POLICY_VERSION_HEADER, str(sampler.live_version()))
+            raise error from None
+        try:
+            choices = await sampler.worker.submit(adapter, req)
+        except SamplerError as exc:
+            raise _raise(exc) from None
+        version = 0 if adapter is None else adapter.version
+        return Response(
+            _encoder.encode(SampleAnswer(choices=choices)),
+            media_type="application/json",
+            headers={POLICY_VERSION_HEADER: str(version)},
+        )
+
+    async def models(self, request: Request) -> Response:
+        """``GET /samplers/<id>/v1/models``: the base model (``parent: null``) and the adapters
+        the sampler serves (live adapter first, then the run's other sampler checkpoints)."""
+        sampler = self._sampler(request)
+        entries = [ModelEntry(id=sampler.base_model, parent=None)]
+        seen = {sampler.base_model}
+        uris: list[str] = []
+        live = sampler.live_uri()
+        if live is not None:
+            uris.append(live)
+        if sampler.run is not None:
+            records = self.state.storage.list_run(sampler.run.id)
+            uris.extend(r.path for r in records if r.target == "sampler")
+        for uri in uris:
+            if uri not in seen:
+                seen.add(uri)
+                entries.append(ModelEntry(id=uri, parent=sampler.base_model))
+        return _json(ModelList(data=entries))
+
+    async def policy_version(self, request: Request) -> Response:
+        """``GET /samplers/<id>/trainers_policy_version``: the version served without headers."""
+        sampler = self._sampler(request)
+        return _json({"policy_version": sampler.live_version()})
+
+    async def health(self, request: Request) -> Response:
+        """``GET /samplers/<id>/health``: 200 once the model is loaded."""
+        sampler = self._sampler(request)
+        self._not_shutting_down()
+        worker = sampler.worker
+        if worker.status == "DEPLOY_FAILED":
+            raise HTTPError(503, f"the sampler's model failed to load: {worker.load_error}")
+        if worker.status != "ACTIVE":
+            raise HTTPError(
+                503,
+                f"the sampler for {sampler.base_model!r} is still loading",
+                headers={"Retry-After": "1"},
+            )
+        return _json(
+            {
+                "status": "ok",
+                "sampler_id": sampler.id,
+                "base_model": sampler.base_model,
+                "policy_version": sampler.live_version(),
+            }
+        )
+
+    async def wake(self, request: Request) -> Response:
+        """``POST /samplers/<id>/wake``: local samplers never scale to zero; 200 with the
+        deployment status."""
+        sampler = self._sampler(request)
+        await request.body()
+        return _json({"status": sampler.worker.status})
+
+    # ----------------------------------------------------------------- checkpoints
+
+    async def _checkpoint(self, request: Request) -> tuple[CheckpointRef, Path, CheckpointRecord]:
+        checkpoint_id = request.path_params["checkpoint_id"]
+        # A scan of the data directory: off the event loop.
+        found = await anyio.to_thread.run_sync(self.state.storage.find_by_id, checkpoint_id)
+        if found is None:
+            raise HTTPError(404, f"unknown checkpoint {checkpoint_id!r} (or it expired)")
+        return found
+
+    async def checkpoint_source(self, request: Request) -> Response:
+        """``GET /v1/loops/checkpoints/<id>/source``: local files are served like S3 objects."""
+        await self._checkpoint(request)
+        return _json({"source": {"kind": "s3"}})
+
+    async def checkpoint_files(self, request: Request) -> Response:
+        """``GET /v1/loops/checkpoints/<id>/files?page_size=&page_token=``: signed download
+        URLs of the checkpoint's files (sorted by name), one page at a time."""
+        ref, directory, _record = await self._checkpoint(request)
+        params = request.query_params
+        size = _int_param(params.get("page_size"), "page_size", MAX_PAGE_SIZE, 1, MAX_PAGE_SIZE)
+        start = _int_param(params.get("page_token"), "page_token", 0, 0, 2**31)
+        files = self.state.storage.checkpoint_files(directory)
+        base = str(request.base_url).rstrip("/")
+        page: list[CheckpointFile] = []
+        for rel, path in files[start : start + size]:
+            stat = path.stat()
+            page.append(
+                CheckpointFile(
+                    url=f"{base}/files/{self.links.token(ref, directory, rel)}",
+                    relative_file_name=rel,
+                    node_rank=0,
+                    size_bytes=stat.st_size,
+                    last_modified=_iso(stat.st_mtime),
+                )
+            )
+        end = start + len(page)
+        return _json(
+            CheckpointFiles(
+                presigned_urls=page,
+                next_page_token=str(end) if end < len(files) else None,
+                total_count=len(files),
+            )
+        )
+
+    async def validate_checkpoint(self, request: Request) -> Response:
+        """``POST /v1/loops/checkpoints/validate``: 200 ``{"valid": true, ...}`` when the
+        checkpoint exists and holds a loadable adapter (and fits ``run_id``'s base model when
+        that is another run); 422 naming the field otherwise."""
+        req = _decode(ValidateCheckpointRequest, await request.body())
+        ref, directory, record = self.state.storage.resolve(req.checkpoint_path, "checkpoint_path")
+        for name in ADAPTER_FILES:
+            if not (directory / name).is_file():
+                raise InvalidRequest(f"checkpoint_path: {ref.uri} has no {name}")
+        if req.run_id is not None and req.run_id != ref.run_id:
+            validate_name(req.run_id, "run_id")
+            run = self.state.runs.get(req.run_id)
+            if run is None:
+                raise InvalidRequest(f"run_id: unknown run {req.run_id!r}")
+            if run.base_model != record.base_model:
+                raise InvalidRequest(
+                    f"checkpoint_path: {ref.uri} was trained on base model "
+                    f"{record.base_model!r}, not {run.base_model!r} of run {run.id!r}"
+                )
+        return _json({"valid": True, "checkpoint_path": ref.uri, "checkpoint": record.public()})
+
+    async def download(self, request: Request) -> Response:
+        """``GET /files/<token>``: the bytes of one checkpoint file (404 for any invalid,
+        altered or expired token)."""
+        path = self.links.resolve(request.path_params["token"])
+        if path is None:
+            raise HTTPError(404, "no such file (unknown, altered or expired link)")
+        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+# --------------------------------------------------------------------------- route tables
+
+
+def sampler_control_routes(h: SamplingHandlers, prefix: str) -> list[BaseRoute]:
+    """``POST {prefix}/samplers`` (``prefix`` = ``/v1/loops`` or the team form)."""
+    return [Route(f"{prefix}/samplers", h.create_sampler, methods=["POST"])]
+
+
+def checkpoint_routes(h: SamplingHandlers) -> list[BaseRoute]:
+    """The checkpoint-file routes under ``/v1/loops/checkpoints`` and the sampler deployment
+    status route."""
+    return [
+        Route("/v1/loops/checkpoints/validate", h.validate_checkpoint, methods=["POST"]),
+        Route("/v1/loops/checkpoints/{checkpoint_id}/source", h.checkpoint_source, methods=["GET"]),
+        Route("/v1/loops/checkpoints/{checkpoint_id}/files", h.checkpoint_files, methods=["GET"]),
+        Route("/v1/models/{model_id}/deployments/{deployment_id}", h.deployment, methods=["GET"]),
+    ]
+
+
+def sampler_routes(h: SamplingHandlers) -> list[BaseRoute]:
+    """The routes under ``/samplers/<sampler_id>`` and ``/files/<token>``."""
+    base = "/samplers/{sampler_id}"
+    return [
+        Route(f"{base}/sample", h.sample, methods=["POST"]),
+        Route(f"{base}/v1/models", h.models, methods=["GET"]),
+        Route(f"{base}/trainers_policy_version", h.policy_version, methods=["GET"]),
+        Route(f"{base}/health", h.health, methods=["GET"]),
+        Route(f"{base}/wake", h.wake, methods=["POST"]),
+        Route("/files/{token}", h.download, methods=["GET"]),
+    ]
