@@ -9,6 +9,7 @@ import random
 import threading
 import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,15 @@ class Backoff:
         return random.uniform(ceiling / 2, ceiling)  # jitter, not crypto
 
 
+@dataclass(frozen=True, slots=True)
+class _LoopClient:
+    """One event loop's HTTP client and its in-flight limiter."""
+
+    token: anyio.lowlevel.EventLoopToken
+    client: httpx.AsyncClient
+    limiter: anyio.Semaphore
+
+
 _live_transports: weakref.WeakSet[Transport] = weakref.WeakSet()
 
 
@@ -175,7 +185,8 @@ class Transport:
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
         self._custom_transport = transport
-        self._clients: dict[object, tuple[anyio.lowlevel.EventLoopToken, httpx.AsyncClient]] = {}
+        self._max_in_flight = max_connections
+        self._clients: dict[object, _LoopClient] = {}
         self._lock = threading.Lock()
         self._closed = False
         _live_transports.add(self)
@@ -194,12 +205,12 @@ class Transport:
         """Whether ``aclose``/``close`` was called."""
         return self._closed
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> _LoopClient:
         token = current_loop()
         key = token.native_token
         entry = self._clients.get(key)
         if entry is not None:
-            return entry[1]
+            return entry
         with self._lock:
             if self._closed:
                 raise errors.ClientClosedError("the client is closed")
@@ -212,8 +223,9 @@ class Transport:
                     transport=self._custom_transport,
                     follow_redirects=False,
                 )
-                entry = self._clients[key] = (token, client)
-        return entry[1]
+                limiter = anyio.Semaphore(self._max_in_flight, fast_acquire=True)
+                entry = self._clients[key] = _LoopClient(token, client, limiter)
+        return entry
 
     async def request(
         self,
@@ -227,7 +239,7 @@ class Transport:
     ) -> httpx.Response:
         """Send one request on this loop's client. Transport failures become
         :class:`~loops_async.errors.TransportError`; statuses are left to the caller."""
-        client = self._client()
+        entry = self._client()
         req_headers = dict(headers) if headers else {}
         if content is not None:
             req_headers.setdefault("Content-Type", "application/json")
@@ -237,9 +249,12 @@ class Transport:
                 self._timeout.connect, read=timeout, write=self._timeout.write, pool=None
             )
         try:
-            return await client.request(
-                method, url, content=content, headers=req_headers, params=params, **extra
-            )
+            # Queue here (FIFO, O(1)) rather than in httpcore's pool, whose bookkeeping grows
+            # with the number of waiting requests: thousands of samples in flight stay cheap.
+            async with entry.limiter:
+                return await entry.client.request(
+                    method, url, content=content, headers=req_headers, params=params, **extra
+                )
         except httpx.ConnectError as exc:
             raise errors.ConnectError(f"cannot connect for {method} {url}: {exc}") from exc
         except httpx.ReadTimeout as exc:
@@ -249,10 +264,10 @@ class Transport:
 
     async def download(self, url: str, out: Path) -> int:
         """Stream ``GET url`` into the file ``out``; returns the number of bytes written."""
-        client = self._client()
+        entry = self._client()
         written = 0
         try:
-            async with client.stream("GET", url) as response:
+            async with entry.limiter, entry.client.stream("GET", url) as response:
                 if response.status_code != 200:
                     await response.aread()
                     raise error_for_response(response)
@@ -274,12 +289,12 @@ class Transport:
             here: object | None = current_loop().native_token
         except anyio.NoEventLoopError:
             here = None
-        others: list[tuple[anyio.lowlevel.EventLoopToken, httpx.AsyncClient]] = []
-        for key, (token, client) in entries:
+        others: list[_LoopClient] = []
+        for key, entry in entries:
             if key is here:
-                await client.aclose()
+                await entry.client.aclose()
             else:
-                others.append((token, client))
+                others.append(entry)
         if others:
             await anyio.to_thread.run_sync(_close_on_their_loops, others)
 
@@ -292,14 +307,12 @@ class Transport:
         _close_on_their_loops(entries)
 
 
-def _close_on_their_loops(
-    entries: list[tuple[anyio.lowlevel.EventLoopToken, httpx.AsyncClient]],
-) -> None:
+def _close_on_their_loops(entries: list[_LoopClient]) -> None:
     import anyio.from_thread
 
-    for token, client in entries:
+    for entry in entries:
         try:
-            anyio.from_thread.run(client.aclose, token=token)
+            anyio.from_thread.run(entry.client.aclose, token=entry.token)
         except anyio.RunFinishedError:
             # That loop is gone; its sockets went with it.
             pass

@@ -119,7 +119,7 @@ class ServiceClient:
         ready_timeout: float = 600.0,
         heartbeat_interval: float = 60.0,
         sample_timeout: float = 600.0,
-        max_connections: int = 1024,
+        max_connections: int = 100,
         http_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         url = base_url or os.environ.get("LOOPS_BASE_URL")
