@@ -372,3 +372,17 @@ def test_local_model_directory_path(tmp_path: Path) -> None:
         training.optim_step(FAST).result(timeout=600)
         assert out.loss > 0
         assert training.get_tokenizer().eos_token == "<|end|>"
+
+
+def test_a_rejected_submit_does_not_stall_the_next_op(null_server: LocalServer) -> None:
+    """A 422 burns its seq_id; the server passes over it at once, not after seq_gap_timeout."""
+    import time
+
+    with ServiceClient(base_url=null_server.url) as service:
+        training = service.create_lora_training_client(MODEL, rank=4)
+        out_of_vocab = _datum([1, 2, 50_000], TensorData(data=[2, 3, 4], dtype="int64"))
+        with pytest.raises(UnprocessableEntityError):
+            training.forward_backward([out_of_vocab])
+        start = time.monotonic()
+        training.forward([snippet_datum()]).result(timeout=60)
+        assert time.monotonic() - start < 0.9 * null_server.settings.seq_gap_timeout

@@ -294,6 +294,14 @@ def _check_ttl(ttl: object) -> None:
 # --------------------------------------------------------------------------- handlers
 
 
+class _RejectedOp(Exception):
+    """Internal: a decoded operation failed validation (the cause says why)."""
+
+    def __init__(self, seq_id: int) -> None:
+        super().__init__(seq_id)
+        self.seq_id = seq_id
+
+
 class _Handlers:
     """The route handlers, bound to one :class:`ServerState`."""
 
@@ -504,6 +512,13 @@ class _Handlers:
             if existing is None:
                 raise
             return self._accepted(existing)
+        except _RejectedOp as exc:
+            # A well-formed op that fails validation is never resent with this seq_id: let
+            # the executor pass over it now rather than after seq_gap_timeout.
+            cause = exc.__cause__
+            assert isinstance(cause, InvalidRequest)
+            run.ops.pass_over(exc.seq_id)
+            raise cause from None
         existing = run.ops.find_key(key)
         if existing is not None:
             return self._accepted(existing)
@@ -521,8 +536,18 @@ class _Handlers:
         )
 
     def _parse_op(self, run: Run, kind: str, typ: type[Any], body: bytes) -> Any:
-        """Decode and validate an op body (pure: may run on a worker thread)."""
+        """Decode and validate an op body (pure: may run on a worker thread). A decoded op
+        that fails validation raises :class:`_RejectedOp` carrying its ``seq_id``."""
         req = _decode(typ, body)
+        try:
+            self._validate_op(run, kind, req)
+        except SubmitRejected:
+            raise
+        except InvalidRequest as exc:
+            raise _RejectedOp(req.seq_id) from exc
+        return req
+
+    def _validate_op(self, run: Run, kind: str, req: Any) -> None:
         if req.run_id is not None and req.run_id != run.id:
             raise InvalidRequest(f"run_id: {req.run_id!r} does not match run {run.id!r}")
         if req.model != run.base_model:
@@ -561,7 +586,6 @@ class _Handlers:
                     f"path: {ref.uri} holds no optimizer state (save it with save_state to "
                     "load it with the optimizer)"
                 )
-        return req
 
     async def retrieve(self, request: Request) -> Response:
         """``GET /runs/<run_id>/operations/<id>``: long-poll an operation's result."""

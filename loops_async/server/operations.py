@@ -149,6 +149,8 @@ class OperationLog:
         self._ops: dict[str, Operation] = {}
         self._by_key: dict[str, Operation] = {}
         self._queued: dict[int, Operation] = {}
+        self._rejected: set[int] = set()
+        """``seq_id`` values whose submit was rejected and not (yet) resubmitted."""
         self._next_seq = 1
         self._gap_since: float | None = None
         self._changed = anyio.Event()
@@ -257,6 +259,7 @@ class OperationLog:
         if key is not None:
             self._by_key[key] = op
         self._queued[seq_id] = op
+        self._rejected.discard(seq_id)
         self._notify()
         return op
 
@@ -274,7 +277,19 @@ class OperationLog:
                 [o.seq_id for o in stale],
             )
         self._next_seq = 1
+        self._rejected.clear()
         self._gap_since = None
+
+    def pass_over(self, seq_id: int) -> None:
+        """A submit for ``seq_id`` was rejected (422). A client that burns the ``seq_id`` sends
+        the next one instead: once later operations are queued, the executor passes over this
+        one at once rather than after ``seq_gap_timeout``. A corrected resubmission of the same
+        ``seq_id`` is still admitted while it has not been passed over."""
+        if not self._closed and seq_id >= self._next_seq:
+            self._rejected.add(seq_id)
+            if len(self._rejected) > 1000:
+                self._rejected.discard(min(self._rejected))
+            self._notify()
 
     # ----------------------------------------------------------------------- cancel
 
@@ -349,6 +364,12 @@ class OperationLog:
                 self._gap_since = None
                 await changed.wait()
                 continue
+            if self._next_seq in self._rejected:
+                self._rejected.discard(self._next_seq)  # burned by its client: no wait
+                self.skipped_seqs.append(self._next_seq)
+                del self.skipped_seqs[:-1000]
+                self._next_seq += 1
+                continue
             now = anyio.current_time()
             if self._gap_since is None:
                 self._gap_since = now
@@ -369,6 +390,7 @@ class OperationLog:
             self.skipped_seqs.extend(range(max(first, last - 999), lowest))
             del self.skipped_seqs[:-1000]
             self._next_seq = lowest
+            self._rejected = {seq for seq in self._rejected if seq >= lowest}
             self._gap_since = None
 
     async def _execute(self, op: Operation, execute: Execute) -> None:
