@@ -231,3 +231,34 @@ async def test_async_publish_future_and_capabilities(
             prompt_of("Name a color."), sampling_params=SamplingParams(max_tokens=3)
         )
         assert out.policy_version == 1
+
+
+def test_a_pickled_sampling_client_works_in_another_process(
+    torch_server: LocalServer, tmp_path: Path
+) -> None:
+    import pickle
+    import subprocess
+    import sys
+
+    with ServiceClient(base_url=torch_server.url) as service:
+        sampler = service.create_sampling_client(base_model=MODEL)
+        prompt = prompt_of("Say hello.")
+        greedy = SamplingParams(max_tokens=6, temperature=0.0)
+        here = sampler.sample(prompt, sampling_params=greedy).sequences[0].tokens
+        blob = tmp_path / "sampler.pkl"
+        blob.write_bytes(pickle.dumps((sampler, prompt, greedy)))
+        script = (
+            "import pickle, sys\n"
+            "sampler, prompt, params = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+            "print(sampler.sample(prompt, sampling_params=params).sequences[0].tokens)\n"
+            "sampler.close()\n"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(blob)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(here)
