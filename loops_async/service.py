@@ -21,6 +21,7 @@ import httpx
 import msgspec
 
 from . import _portal, _validate, errors
+from ._chunking import MAX_REQUEST_BYTES
 from ._codec import decoder_for, encode
 from ._http import Backoff, Transport, error_for_response
 from ._loop import current_loop, wake_soon
@@ -105,7 +106,11 @@ class ServiceClient:
             retrying submits that fail transiently.
         heartbeat_interval: seconds between a training client's ``/health`` pings (0: off).
         sample_timeout: how long one sample request may take to answer (read timeout).
-        max_connections: the HTTP connection pool size per event loop.
+        max_connections: the HTTP connection pool size (and the cap on requests in flight)
+            per event loop; more concurrent requests queue in the client, first come first
+            served.
+        max_request_bytes: the largest request body for one operation; bigger ``forward`` /
+            ``forward_backward`` batches are split into several operations (24 MiB).
         http_transport: a custom ``httpx.AsyncBaseTransport`` (tests, proxies).
     """
 
@@ -120,6 +125,7 @@ class ServiceClient:
         heartbeat_interval: float = 60.0,
         sample_timeout: float = 600.0,
         max_connections: int = 100,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
         http_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         url = base_url or os.environ.get("LOOPS_BASE_URL")
@@ -141,6 +147,9 @@ class ServiceClient:
         self._ready_timeout = float(ready_timeout)
         self._heartbeat_interval = float(heartbeat_interval)
         self._sample_timeout = float(sample_timeout)
+        self._max_request_bytes = _validate.check_positive_int(
+            max_request_bytes, "max_request_bytes"
+        )
         self._paired: dict[str, SamplerInfo] = {}
         self._transport = Transport(
             api_key=api_key,
@@ -341,6 +350,7 @@ class ServiceClient:
             run_id=run.id,
             base_model=run.base_model or base_model,
             lora_rank=rank,
+            max_request_bytes=self._max_request_bytes,
         )
         init = await client.init_trainer_server_async(rank)
         await init.result_async()

@@ -6,12 +6,13 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 import msgspec
 
 from . import _portal, _validate, errors
+from ._chunking import MAX_REQUEST_BYTES, MergedForwardFuture, encode_datums, split
 from ._codec import encode
 from ._loop import ThreadSafeGate
 from ._operation import APIFuture, ChainedFuture, Endpoint, OperationFuture
@@ -72,8 +73,10 @@ class TrainingClient:
         run_id: str,
         base_model: str,
         lora_rank: int,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
         self._service = service
+        self._max_request_bytes = max_request_bytes
         self._endpoint = endpoint
         self._run_id = run_id
         self._base_model = base_model
@@ -172,6 +175,62 @@ class TrainingClient:
         seq, body = self._prepare(build)
         return await self._submit(op, seq, body, result_type, transform)
 
+    def _prepare_plan(self, plan: _ForwardPlan) -> tuple[int, list[bytes]]:
+        """Reserve one ``seq_id`` per chunk (contiguous, in the caller's thread) and encode."""
+        self._check_open()
+        first = self._gate.reserve(len(plan.chunks))
+        try:
+            return first, plan.bodies(first)
+        except BaseException:
+            self._release_range(first, len(plan.chunks))
+            raise
+
+    def _release_range(self, first: int, count: int) -> None:
+        for seq in range(first, first + count):
+            self._gate.release(seq)
+
+    async def _submit_plan(
+        self, op: str, first: int, bodies: list[bytes], plan: _ForwardPlan
+    ) -> APIFuture[ForwardBackwardOutput]:
+        if len(bodies) == 1:
+            return await self._submit(op, first, bodies[0], ForwardBackwardOutput, None)
+        futures: list[APIFuture[ForwardBackwardOutput]] = []
+
+        async def submit_chunk(index: int) -> None:
+            futures[index] = await self._submit(
+                op, first + index, bodies[index], ForwardBackwardOutput, None
+            )
+
+        futures.extend(_PENDING for _ in bodies)
+        try:
+            async with anyio.create_task_group() as group:
+                for index in range(len(bodies)):
+                    group.start_soon(submit_chunk, index)
+        except BaseExceptionGroup as failure:
+            raise _innermost(failure) from None
+        finally:
+            # Chunks that never started (the caller was cancelled, a sibling failed) must not
+            # strand the ordering gate: release the whole reserved range.
+            self._release_range(first, len(bodies))
+        return MergedForwardFuture(futures, plan.counts)
+
+    def _call_plan(
+        self, twin: str, op: str, plan: _ForwardPlan
+    ) -> APIFuture[ForwardBackwardOutput]:
+        _portal.ensure_sync_context(twin)
+        first, bodies = self._prepare_plan(plan)
+        try:
+            return _portal.run(self._submit_plan, op, first, bodies, plan, twin=twin)
+        except BaseException:
+            self._release_range(first, len(bodies))
+            raise
+
+    async def _call_plan_async(
+        self, op: str, plan: _ForwardPlan
+    ) -> APIFuture[ForwardBackwardOutput]:
+        first, bodies = self._prepare_plan(plan)
+        return await self._submit_plan(op, first, bodies, plan)
+
     def _op_fields(self, seq: int) -> dict[str, Any]:
         return {"seq_id": seq, "run_id": self._run_id, "model": self._base_model}
 
@@ -213,23 +272,19 @@ class TrainingClient:
             **self._op_fields(seq), lora_rank=rank, base_model=self._base_model
         )
 
-    def _forward_builder(
+    def _forward_plan(
         self,
         data: Sequence[Datum],
         loss_fn: str,
         loss_fn_config: dict[str, Any] | None,
         top_k_logprobs: int,
-    ) -> Callable[[int], OpRequest]:
+    ) -> _ForwardPlan:
         loss_fn, loss_fn_config, top_k = _validate.check_loss_fn(
             loss_fn, loss_fn_config, top_k_logprobs
         )
         datums = _validate.check_data(data, loss_fn)
-        return lambda seq: ForwardBackwardRequest(
-            **self._op_fields(seq),
-            data=datums,
-            loss_fn=loss_fn,
-            loss_fn_config=loss_fn_config,
-            top_k_logprobs=top_k,
+        return _ForwardPlan(
+            self, datums, loss_fn, loss_fn_config, top_k, limit=self._max_request_bytes
         )
 
     def _optim_builder(self, adam_params: AdamParams) -> Callable[[int], OpRequest]:
@@ -290,17 +345,16 @@ class TrainingClient:
         loss_fn_config: dict[str, Any] | None = None,
         *,
         top_k_logprobs: int = 0,
-    ) -> OperationFuture[ForwardBackwardOutput]:
+    ) -> APIFuture[ForwardBackwardOutput]:
         """Compute the loss on ``data`` and accumulate its gradient (``POST /forward_backward``).
 
         Gradients accumulate across calls until :meth:`optim_step`. The future's result has
         the mean loss per active token, per-datum ``logprobs`` and metrics.
         """
-        return self._call(
+        return self._call_plan(
             "forward_backward_async",
             "forward_backward",
-            self._forward_builder(data, loss_fn, loss_fn_config, top_k_logprobs),
-            ForwardBackwardOutput,
+            self._forward_plan(data, loss_fn, loss_fn_config, top_k_logprobs),
         )
 
     async def forward_backward_async(
@@ -310,12 +364,10 @@ class TrainingClient:
         loss_fn_config: dict[str, Any] | None = None,
         *,
         top_k_logprobs: int = 0,
-    ) -> OperationFuture[ForwardBackwardOutput]:
+    ) -> APIFuture[ForwardBackwardOutput]:
         """Async twin of :meth:`forward_backward`: returns once the server accepted it."""
-        return await self._call_async(
-            "forward_backward",
-            self._forward_builder(data, loss_fn, loss_fn_config, top_k_logprobs),
-            ForwardBackwardOutput,
+        return await self._call_plan_async(
+            "forward_backward", self._forward_plan(data, loss_fn, loss_fn_config, top_k_logprobs)
         )
 
     def forward(
@@ -325,14 +377,13 @@ class TrainingClient:
         loss_fn_config: dict[str, Any] | None = None,
         *,
         top_k_logprobs: int = 0,
-    ) -> OperationFuture[ForwardBackwardOutput]:
+    ) -> APIFuture[ForwardBackwardOutput]:
         """Compute the loss and logprobs on ``data`` without touching gradients
         (``POST /forward``)."""
-        return self._call(
+        return self._call_plan(
             "forward_async",
             "forward",
-            self._forward_builder(data, loss_fn, loss_fn_config, top_k_logprobs),
-            ForwardBackwardOutput,
+            self._forward_plan(data, loss_fn, loss_fn_config, top_k_logprobs),
         )
 
     async def forward_async(
@@ -342,12 +393,10 @@ class TrainingClient:
         loss_fn_config: dict[str, Any] | None = None,
         *,
         top_k_logprobs: int = 0,
-    ) -> OperationFuture[ForwardBackwardOutput]:
+    ) -> APIFuture[ForwardBackwardOutput]:
         """Async twin of :meth:`forward`."""
-        return await self._call_async(
-            "forward",
-            self._forward_builder(data, loss_fn, loss_fn_config, top_k_logprobs),
-            ForwardBackwardOutput,
+        return await self._call_plan_async(
+            "forward", self._forward_plan(data, loss_fn, loss_fn_config, top_k_logprobs)
         )
 
     def optim_step(self, adam_params: AdamParams) -> OperationFuture[OptimStepResponse]:
@@ -625,3 +674,59 @@ class TrainingClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+class _Pending(APIFuture[ForwardBackwardOutput]):
+    """Placeholder in a chunk list until that chunk's submit returns (never awaited)."""
+
+    async def _fetch(self) -> ForwardBackwardOutput:  # pragma: no cover - never awaited
+        raise errors.ProtocolError("a chunk of this batch was never submitted")
+
+
+_PENDING = _Pending()
+
+
+def _innermost(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error inside (nested) single-exception groups, or the group itself."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+class _ForwardPlan:
+    """A ``forward`` / ``forward_backward`` batch: validated, each datum encoded once, and
+    split into chunks of at most ``limit`` bytes (dpo pairs kept together)."""
+
+    def __init__(
+        self,
+        client: TrainingClient,
+        datums: list[Datum],
+        loss_fn: str,
+        loss_fn_config: dict[str, Any] | None,
+        top_k: int,
+        *,
+        limit: int,
+    ) -> None:
+        self._client = client
+        self._pieces = encode_datums(datums)
+        self._loss_fn = loss_fn
+        self._config = loss_fn_config
+        self._top_k = top_k
+        self.chunks = split([len(p) for p in self._pieces], limit=limit, pairs=loss_fn == "dpo")
+        self.counts = [end - start for start, end in self.chunks]
+
+    def bodies(self, first_seq: int) -> list[bytes]:
+        """One encoded request per chunk, numbered from ``first_seq``."""
+        return [
+            encode(
+                ForwardBackwardRequest(
+                    **self._client._op_fields(first_seq + index),
+                    data=cast("list[Datum]", self._pieces[start:end]),
+                    loss_fn=self._loss_fn,
+                    loss_fn_config=self._config,
+                    top_k_logprobs=self._top_k,
+                )
+            )
+            for index, (start, end) in enumerate(self.chunks)
+        ]

@@ -185,8 +185,7 @@ class TorchTrainer:
         it was made with ``skip_token_normalization``) and clear it."""
         validate_adam_params(params)
         named = lora_parameters(self.model)
-        divisor = 1.0 if self._pending_mode != "mean" else max(self._pending_units, 1.0)
-        grads = [p.grad / divisor if p.grad is not None else torch.zeros_like(p) for _k, p in named]
+        grads = self._normalised_grads(named)
         norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
         grad_norm = float(torch.linalg.vector_norm(norms).item())
         metrics: dict[str, float] = {
@@ -210,6 +209,15 @@ class TorchTrainer:
         metrics["step"] = float(self._step)
         self._clear_grads()
         return OptimStepResponse(metrics=metrics)
+
+    def pending_gradient(self) -> dict[str, torch.Tensor]:
+        """The gradient the next ``optim_step`` would apply, before clipping: the accumulated
+        gradient divided by the number of active units (used as it is after
+        ``skip_token_normalization`` contributions), zeros where nothing is pending; copies, by
+        PEFT adapter key. A testing and debugging aid: it changes no state."""
+        named = lora_parameters(self.model)
+        grads = self._normalised_grads(named)
+        return {key: grad.detach().clone() for (key, _p), grad in zip(named, grads, strict=True)}
 
     def save_state(self, directory: Path, *, with_optimizer: bool) -> None:
         """Write the PEFT adapter and ``trainer_state.json`` into ``directory``; with the
@@ -301,6 +309,14 @@ class TorchTrainer:
             param.grad = None
         self._pending_units = 0.0
         self._pending_mode = None
+
+    def _normalised_grads(
+        self, named: Sequence[tuple[str, torch.nn.Parameter]]
+    ) -> list[torch.Tensor]:
+        """The pending gradient of each parameter of ``named``, normalised per active unit
+        unless it was made with ``skip_token_normalization`` (new tensors; zeros where none)."""
+        divisor = 1.0 if self._pending_mode != "mean" else max(self._pending_units, 1.0)
+        return [p.grad / divisor if p.grad is not None else torch.zeros_like(p) for _k, p in named]
 
     def _adam_update(
         self,
