@@ -5,6 +5,7 @@ background portal thread. See ``docs/`` for the guides and :mod:`loops_async.err
 exception tree.
 """
 
+from ._custom import CustomLossFn
 from ._operation import APIFuture, OperationFuture
 from ._version import __version__
 from .errors import (
@@ -78,6 +79,7 @@ __all__ = [
     "ClientClosedError",
     "ConflictError",
     "ConnectError",
+    "CustomLossFn",
     "DType",
     "Datum",
     "DeploymentError",

@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
+import anyio.to_thread
 import msgspec
 
 from . import _portal, _validate, errors
 from ._chunking import MAX_REQUEST_BYTES, MergedForwardFuture, encode_datums, split
 from ._codec import encode
+from ._custom import REPLAY_CONFIG, CustomLossFn, custom_weights, replay_data
+from ._custom import finish as finish_custom
 from ._loop import ThreadSafeGate
 from ._operation import APIFuture, ChainedFuture, Endpoint, OperationFuture
 from ._wire import (
@@ -397,6 +400,54 @@ class TrainingClient:
         """Async twin of :meth:`forward`."""
         return await self._call_plan_async(
             "forward", self._forward_plan(data, loss_fn, loss_fn_config, top_k_logprobs)
+        )
+
+    async def forward_backward_custom_async(
+        self, data: Sequence[Datum], loss_fn: CustomLossFn
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Async twin of :meth:`forward_backward_custom`."""
+        datums = _validate.check_data(data, "cross_entropy")
+        if not callable(loss_fn):
+            raise errors.ValidationError(f"loss_fn: expected a callable, got {loss_fn!r}")
+        targets_only = []
+        for i, datum in enumerate(datums):
+            targets = datum.loss_fn_inputs.get("target_tokens")
+            if targets is None:
+                raise errors.ValidationError(
+                    f"data[{i}].loss_fn_inputs: forward_backward_custom needs 'target_tokens'"
+                )
+            targets_only.append(
+                Datum(model_input=datum.model_input, loss_fn_inputs={"target_tokens": targets})
+            )
+        forward = await (await self.forward_async(targets_only, "cross_entropy", REPLAY_CONFIG))
+        weights, loss, metrics = await anyio.to_thread.run_sync(
+            custom_weights, datums, forward, loss_fn
+        )
+        replay = await self.forward_backward_async(
+            replay_data(targets_only, weights), "cross_entropy", REPLAY_CONFIG
+        )
+
+        async def merge(out: ForwardBackwardOutput) -> ForwardBackwardOutput:
+            return finish_custom(out, loss, metrics)
+
+        return ChainedFuture(replay, merge, what="forward_backward_custom")
+
+    def forward_backward_custom(
+        self, data: Sequence[Datum], loss_fn: CustomLossFn
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Accumulate the gradient of a loss computed on the client with torch.
+
+        ``loss_fn(data, logprobs) -> (loss, metrics)`` gets each datum's target-token logprobs
+        (float32 tensors shaped like its ``target_tokens``) and returns a scalar loss tensor
+        and a dict of floats. The trainer runs ``forward``; the loss and its gradient are
+        evaluated here; a ``forward_backward`` with cross-entropy weights ``-dLoss/dlogprob``
+        (and ``skip_token_normalization``, so the gradient is applied as is) replays it on the
+        server. Returns once the replay is submitted; the future's result carries the custom
+        loss and the user's metrics. Do not mix it with normalised losses before the next
+        ``optim_step``. Needs torch.
+        """
+        return _portal.run(
+            self.forward_backward_custom_async, data, loss_fn, twin="forward_backward_custom_async"
         )
 
     def optim_step(self, adam_params: AdamParams) -> OperationFuture[OptimStepResponse]:
