@@ -11,15 +11,35 @@ from typing import Any, TypeVar, cast
 import msgspec
 import numpy as np
 
+from .types import ArrayData
+
 T = TypeVar("T")
 
 __all__ = ["decode", "decoder_for", "encode"]
 
 
+try:  # formats numeric arrays straight from their buffer, without making Python objects
+    import orjson
+
+    _ORJSON_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+    def _array_json(array: np.ndarray[Any, Any]) -> Any:
+        if array.dtype.kind in "fiub" and array.dtype.itemsize <= 8:
+            return msgspec.Raw(orjson.dumps(np.ascontiguousarray(array), option=_ORJSON_NUMPY))
+        return array.tolist()
+
+except ImportError:  # pragma: no cover - exercised where orjson is absent
+
+    def _array_json(array: np.ndarray[Any, Any]) -> Any:
+        return array.tolist()
+
+
 def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, ArrayData):
+        return _array_json(obj.array)
     # Values users may leave inside TensorData.data or token lists.
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return _array_json(obj.reshape(-1)) if obj.ndim == 1 else obj.tolist()
     if isinstance(obj, np.generic):
         return obj.item()
     raise NotImplementedError(f"cannot encode {type(obj).__name__} as JSON")

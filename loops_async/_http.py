@@ -128,6 +128,34 @@ class Backoff:
         return random.uniform(ceiling / 2, ceiling)  # jitter, not crypto
 
 
+class _OneShotBody(httpx.AsyncByteStream):
+    """A request body that yields its bytes once, from a plain iterator rather than httpx's
+    async generator: a request cancelled mid-send on trio then leaves no unfinalised
+    generator behind (which trio reports as a ResourceWarning)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def __aiter__(self) -> _OneShotBody._Iterator:
+        return _OneShotBody._Iterator(self._data)
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+    class _Iterator:
+        def __init__(self, data: bytes) -> None:
+            self._data: bytes | None = data
+
+        def __aiter__(self) -> _OneShotBody._Iterator:
+            return self
+
+        async def __anext__(self) -> bytes:
+            if self._data is None:
+                raise StopAsyncIteration
+            data, self._data = self._data, None
+            return data
+
+
 @dataclass(frozen=True, slots=True)
 class _LoopClient:
     """One event loop's HTTP client and its in-flight limiter."""
@@ -252,9 +280,11 @@ class Transport:
             # Queue here (FIFO, O(1)) rather than in httpcore's pool, whose bookkeeping grows
             # with the number of waiting requests: thousands of samples in flight stay cheap.
             async with entry.limiter:
-                return await entry.client.request(
+                request = entry.client.build_request(
                     method, url, content=content, headers=req_headers, params=params, **extra
                 )
+                request.stream = _OneShotBody(content or b"")
+                return await entry.client.send(request)
         except httpx.ConnectError as exc:
             raise errors.ConnectError(f"cannot connect for {method} {url}: {exc}") from exc
         except httpx.ReadTimeout as exc:

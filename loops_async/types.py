@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AdamParams",
+    "ArrayData",
     "Checkpoint",
     "CheckpointArchive",
     "CheckpointFile",
@@ -77,6 +78,54 @@ FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16", "float64"})
 INT_DTYPES = frozenset({"int64", "int32"})
 
 
+class ArrayData(Sequence[Any]):
+    """Flat tensor values kept as a numpy array: what :meth:`TensorData.from_numpy` and
+    :meth:`TensorData.from_torch` store in ``TensorData.data``.
+
+    It reads like a list (``len``, indexing, iteration, ``tolist()``, ``==`` against lists) but
+    holds 4-8 bytes per value instead of a Python object, and is encoded straight from the
+    array (with ``orjson`` when it is installed), so a large batch is never turned into
+    millions of Python floats.
+    """
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: npt.NDArray[Any]) -> None:
+        self.array = np.ascontiguousarray(array).reshape(-1)
+        """The flat, C-contiguous array."""
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    def __getitem__(self, index: Any) -> Any:
+        item = self.array[index]
+        return item.tolist() if isinstance(item, np.ndarray | np.generic) else item
+
+    def __iter__(self) -> Any:
+        return iter(self.array.tolist())
+
+    def tolist(self) -> list[Any]:
+        """The values as a Python list."""
+        return self.array.tolist()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ArrayData):
+            other = other.array
+        elif isinstance(other, Sequence) and not isinstance(other, str):
+            other = np.asarray(other, dtype=self.array.dtype if len(other) else None)
+        else:
+            return NotImplemented
+        return bool(np.array_equal(self.array, other, equal_nan=self.array.dtype.kind == "f"))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self.array.tolist()) if len(self) <= 16 else f"ArrayData({self.array!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ArrayData, (self.array,))
+
+
 def _numpy_dtype(dtype: str) -> np.dtype[Any]:
     try:
         return _NUMPY_DTYPES[dtype]
@@ -96,7 +145,8 @@ class TensorData(msgspec.Struct, kw_only=True):
     """
 
     data: Sequence[bool | int | float | None]
-    """Flat values (a list once decoded; any sequence when built by hand)."""
+    """Flat values: a list once decoded, an :class:`ArrayData` when built from numpy or torch,
+    any sequence when built by hand."""
     dtype: str
     shape: list[int] | None = None
 
@@ -122,7 +172,7 @@ class TensorData(msgspec.Struct, kw_only=True):
         target = _numpy_dtype(name)
         if arr.dtype != target:
             arr = arr.astype(target)
-        return cls(data=arr.ravel().tolist(), dtype=name, shape=list(arr.shape))
+        return cls(data=ArrayData(arr), dtype=name, shape=list(arr.shape))
 
     @classmethod
     def from_torch(cls, tensor: torch.Tensor) -> TensorData:
@@ -144,7 +194,7 @@ class TensorData(msgspec.Struct, kw_only=True):
             raise ValueError(f"unsupported torch dtype {t.dtype}")
         if t.dtype == torch.bfloat16:
             t = t.to(torch.float32)
-        return cls(data=t.reshape(-1).tolist(), dtype=name, shape=list(t.shape))
+        return cls(data=ArrayData(t.numpy().copy()), dtype=name, shape=list(t.shape))
 
     @classmethod
     def from_list(
@@ -163,7 +213,11 @@ class TensorData(msgspec.Struct, kw_only=True):
 
     def to_numpy(self) -> npt.NDArray[Any]:
         """Return a numpy array of ``shape`` (``null`` becomes NaN for float dtypes)."""
-        arr = np.asarray(self.data, dtype=_numpy_dtype(self.dtype))
+        data = self.data
+        if isinstance(data, ArrayData):
+            arr = data.array.astype(_numpy_dtype(self.dtype), copy=True)
+        else:
+            arr = np.asarray(data, dtype=_numpy_dtype(self.dtype))
         return arr.reshape(tuple(self.shape)) if self.shape is not None else arr
 
     def to_torch(self) -> torch.Tensor:

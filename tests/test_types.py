@@ -180,3 +180,43 @@ def test_encoding_a_large_batch_needs_no_python_loop() -> None:
     back = decode(body, ForwardBackwardRequest)
     assert len(back.data) == 64
     assert back.data[5].loss_fn_inputs["logprobs"].to_numpy().shape == (2048,)
+
+
+def test_arrays_encode_with_and_without_the_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loops_async import _codec
+
+    rng = np.random.default_rng(1)
+    arrays = {
+        "float32": rng.standard_normal(50).astype(np.float32),
+        "float64": rng.standard_normal(50),
+        "float16": rng.standard_normal(50).astype(np.float16),
+        "int64": rng.integers(-(2**40), 2**40, 50),
+        "int32": rng.integers(-1000, 1000, 50).astype(np.int32),
+        "bool": rng.random(50) > 0.5,
+    }
+    arrays["float32"][3] = np.nan
+    fast = {k: encode(TensorData.from_numpy(a)) for k, a in arrays.items()}
+    monkeypatch.setattr(_codec, "_array_json", lambda array: array.tolist())
+    plain = {k: encode(TensorData.from_numpy(a)) for k, a in arrays.items()}
+    for name, array in arrays.items():
+        for body in (fast[name], plain[name]):
+            back = decode(body, TensorData).to_numpy()
+            assert back.dtype == array.dtype
+            np.testing.assert_array_equal(back, array)  # NaN == NaN here
+    assert b"null" in fast["float32"]
+
+
+def test_array_data_reads_like_a_list() -> None:
+    t = TensorData.from_numpy(np.array([1.5, 2.5], dtype=np.float32))
+    assert t.data == [1.5, 2.5]
+    assert list(t.data) == [1.5, 2.5]
+    assert t.data[1] == 2.5
+    assert len(t.data) == 2
+    assert t == TensorData(data=[1.5, 2.5], dtype="float32", shape=[2])
+    assert t.tolist() == [1.5, 2.5]
+    import pickle
+
+    assert pickle.loads(pickle.dumps(t)) == t
+    view = t.to_numpy()
+    view[0] = 9.0
+    assert t.data[0] == 1.5, "to_numpy returns a copy"

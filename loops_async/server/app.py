@@ -46,6 +46,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .._codec import encode as _encode
 from .._version import __version__
 from .._wire import (
     OPERATION_SCHEMA_VERSION,
@@ -76,7 +77,6 @@ logger = logging.getLogger("loops_async.server")
 _LARGE_BODY = 1 << 20
 """Bodies above this many bytes are decoded and validated on a worker thread."""
 
-_encoder = msgspec.json.Encoder()
 T = TypeVar("T")
 
 
@@ -85,7 +85,7 @@ T = TypeVar("T")
 
 def _json(obj: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     return Response(
-        _encoder.encode(obj), status_code=status, headers=headers, media_type="application/json"
+        _encode(obj), status_code=status, headers=headers, media_type="application/json"
     )
 
 
@@ -239,7 +239,7 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
 async def _send_json(
     send: Send, status: int, body: Any, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    payload = _encoder.encode(body)
+    payload = _encode(body)
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(payload)).encode()),

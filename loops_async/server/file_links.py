@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import msgspec
 
+from .._codec import encode as _encode
 from .backend import InvalidRequest
 from .storage import CHECKPOINT_METADATA, CheckpointRef, Storage, validate_name
 
@@ -31,7 +32,6 @@ LINK_TTL_SECONDS = 3600.0
 
 _SIG_BYTES = 18
 _Payload = tuple[str, str, str, str, str, int]
-_encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(_Payload)
 
 
@@ -62,9 +62,7 @@ class FileLinks:
     def token(self, ref: CheckpointRef, directory: Path, relative_name: str) -> str:
         """A token for ``relative_name`` inside checkpoint ``ref`` (stored in ``directory``)."""
         expires = int(time.time() + self.ttl)
-        payload = _encoder.encode(
-            (ref.run_id, ref.kind, ref.name, directory.name, relative_name, expires)
-        )
+        payload = _encode((ref.run_id, ref.kind, ref.name, directory.name, relative_name, expires))
         return f"{_b64(payload)}.{_b64(self._sign(payload))}"
 
     def resolve(self, token: str) -> Path | None:

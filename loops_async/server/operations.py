@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
-import msgspec
 
+from .._codec import encode as _encode
 from .backend import InvalidRequest
 
 __all__ = [
@@ -60,7 +60,6 @@ logger = logging.getLogger("loops_async.server")
 _SANE_KEY = re.compile(r"(?!\.+$)[A-Za-z0-9._:~-]{1,128}")
 MAX_SEQ_ID = 2**63 - 1
 """The largest ``seq_id`` (an int64)."""
-_encoder = msgspec.json.Encoder()
 
 CANCELLED_ERROR_CLASS = "OperationCancelled"
 """``error_class`` of an operation that was cancelled before it ran."""
@@ -294,9 +293,7 @@ class OperationLog:
     # ----------------------------------------------------------------------- cancel
 
     def _cancel_op(self, op: Operation, reason: str, now: float) -> None:
-        body = _encoder.encode(
-            {"status": "error", "error": reason, "error_class": CANCELLED_ERROR_CLASS}
-        )
+        body = _encode({"status": "error", "error": reason, "error_class": CANCELLED_ERROR_CLASS})
         op.error = reason
         op.error_class = CANCELLED_ERROR_CLASS
         op._finish(OpStatus.CANCELLED, body, now)
@@ -400,7 +397,7 @@ class OperationLog:
         self.history.append((op.seq_id, op.kind, op.id))
         try:
             result = await execute(op)
-            body = _encoder.encode({"status": "done", "result": result})
+            body = _encode({"status": "done", "result": result})
         except InvalidRequest as exc:
             self._fail(op, str(exc) or type(exc).__name__, "ValidationError")
         except Exception as exc:
@@ -414,5 +411,5 @@ class OperationLog:
     def _fail(self, op: Operation, message: str, error_class: str) -> None:
         op.error = message
         op.error_class = error_class
-        body = _encoder.encode({"status": "error", "error": message, "error_class": error_class})
+        body = _encode({"status": "error", "error": message, "error_class": error_class})
         op._finish(OpStatus.ERROR, body, anyio.current_time())

@@ -28,11 +28,11 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import msgspec
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from .._codec import encode as _encode
 from .._wire import (
     CheckpointFiles,
     CreateSamplerRequest,
@@ -61,8 +61,6 @@ MAX_PAGE_SIZE = 1000
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 """The PEFT files a usable checkpoint holds (the names of :mod:`~loops_async.server.lora`,
 which imports torch; this module must not)."""
-
-_encoder = msgspec.json.Encoder()
 
 
 def _raise(exc: SamplerError) -> HTTPError:
@@ -274,7 +272,7 @@ class SamplingHandlers:
             raise _raise(exc) from None
         version = 0 if adapter is None else adapter.version
         return Response(
-            _encoder.encode(SampleAnswer(choices=choices)),
+            _encode(SampleAnswer(choices=choices)),
             media_type="application/json",
             headers={POLICY_VERSION_HEADER: str(version)},
         )

@@ -33,6 +33,7 @@ from typing import Literal
 
 import msgspec
 
+from .._codec import encode as _encode
 from ..types import Checkpoint
 from .backend import InvalidRequest
 
@@ -139,7 +140,6 @@ class CheckpointRecord(Checkpoint, kw_only=True):
 
 
 _record_decoder = msgspec.json.Decoder(CheckpointRecord)
-_encoder = msgspec.json.Encoder()
 
 
 class Storage:
@@ -222,7 +222,7 @@ class Storage:
                 with_optimizer=with_optimizer,
                 step=step,
             )
-            (fresh / CHECKPOINT_METADATA).write_bytes(_encoder.encode(record))
+            (fresh / CHECKPOINT_METADATA).write_bytes(_encode(record))
             link = self.link_path(ref)
             link.parent.mkdir(exist_ok=True)
             old = self._target_of(link)

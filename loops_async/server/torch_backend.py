@@ -20,6 +20,8 @@ Semantics (PROTOCOL.md §3 and §5):
   ``(N, k)``) and ``top_k_token_ids`` (int64, ``(N, k)``): the k likeliest next tokens at each
   position, best first. ``loss_fn_output_type`` is ``"ArrayRecord"``.
 - ``forward`` computes the same under ``torch.no_grad``; the gradient buffer is untouched.
+- ``pending_gradient()`` (a testing and debugging aid, not an op) returns the gradient the next
+  ``optim_step`` would apply: normalised, before clipping, by PEFT adapter key.
 - Adam with decoupled weight decay, bias correction, global-norm clipping (``grad_clip_norm``,
   0 = off), the ``AdamParams`` fields read at every step. ``optim_step`` metrics: ``step``,
   ``learning_rate``, ``grad_norm`` (before clipping), ``active_tokens`` (the normaliser), and

@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from .._validate import adam_params_problem
 from .._wire import ForwardBackwardRequest
-from ..types import AdamParams, EncodedTextChunk, ImageChunk
+from ..types import AdamParams, ArrayData, EncodedTextChunk, ImageChunk
 from .backend import InvalidRequest
 from .models import ModelSpec
 
@@ -452,11 +452,13 @@ def _prepare_tokens(where: str, model_input: Any, spec: ModelSpec) -> npt.NDArra
     return out
 
 
-def _tensor_fields(where: str, value: Any) -> tuple[list[Any], str, list[int]]:
+def _tensor_fields(where: str, value: Any) -> tuple[Any, str, list[int]]:
+    """``(data, dtype, shape)`` of a tensor; ``data`` is a list (decoded JSON) or an
+    :class:`~loops_async.types.ArrayData` (a caller in this process built it from numpy)."""
     data = getattr(value, "data", None)
     dtype = getattr(value, "dtype", None)
     shape = getattr(value, "shape", None)
-    if not isinstance(data, list) or not isinstance(dtype, str):
+    if not isinstance(data, list | ArrayData) or not isinstance(dtype, str):
         raise InvalidRequest(f"{where}: expected a tensor {{data, dtype, shape}}")
     if dtype not in KNOWN_DTYPES:
         raise InvalidRequest(
@@ -476,7 +478,9 @@ def _tensor_fields(where: str, value: Any) -> tuple[list[Any], str, list[int]]:
     return data, dtype, shape
 
 
-def _as_float64(where: str, data: list[Any]) -> npt.NDArray[np.float64]:
+def _as_float64(where: str, data: Any) -> npt.NDArray[np.float64]:
+    if isinstance(data, ArrayData):
+        return data.array.astype(np.float64)
     try:
         return np.asarray(data, dtype=np.float64)
     except (TypeError, ValueError, OverflowError):

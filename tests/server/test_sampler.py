@@ -15,6 +15,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from loops_async._codec import encode
 from loops_async.server import LocalServer
 from loops_async.server.sampler import DEFAULT_MAX_TOKENS, MAX_N
 from loops_async.tokenizer import load_tokenizer
@@ -118,7 +119,7 @@ def assert_matches_trainer(trainer: Trainer, prompt: list[int], choices: list[di
 
 def train(trainer: Trainer, steps: int) -> None:
     """``steps`` x (forward_backward on the SFT batch + optim_step), pipelined."""
-    batch = msgspec.to_builtins(list(sft_batch(4)))
+    batch = msgspec.json.decode(encode(list(sft_batch(4))))
     last = ""
     for _ in range(steps):
         trainer.submit("forward_backward", data=batch, loss_fn="cross_entropy")
