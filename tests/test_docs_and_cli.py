@@ -58,9 +58,10 @@ def test_cli_without_command_prints_help(capsys: pytest.CaptureFixture[str]) -> 
     assert "serve" in capsys.readouterr().err
 
 
-def test_demo_trains_and_saves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--steps", "4", "--data-dir", str(tmp_path)]) == 0
+def test_demo_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["demo", "--sft-steps", "2", "--steps", "2", "--output", str(tmp_path)])
+    assert status in (0, 1)  # 1: two RL steps did not raise the reward (they need not)
     out = capsys.readouterr().out
-    assert "step   4  loss" in out
+    assert "RL [" in out
     assert "checkpoint saved: bt://loops:" in out
-    assert list(tmp_path.glob("runs/*/weights/demo-step-4"))
+    assert (tmp_path / "loops-demo.png").is_file()

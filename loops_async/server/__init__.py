@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from .app import create_app
-from .local import LocalServer, serve
+from .local import LocalServer, embedded, serve
 from .settings import ServerSettings
 
-__all__ = ["LocalServer", "ServerSettings", "create_app", "serve"]
+__all__ = ["LocalServer", "ServerSettings", "create_app", "embedded", "serve"]

@@ -3,13 +3,16 @@ examples and benchmarks) or in the foreground (:func:`serve`, for ``loops-async 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import socket
 import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -22,7 +25,7 @@ from .app import create_app, get_state
 from .runs import ServerState
 from .settings import ServerSettings
 
-__all__ = ["LocalServer", "serve"]
+__all__ = ["LocalServer", "embedded", "serve"]
 
 logger = logging.getLogger("loops_async.server")
 
@@ -246,3 +249,22 @@ class LocalServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def embedded(url: str | None = None, **settings: Any) -> Iterator[str]:
+    """Yield the URL of a Loops server: ``url`` (or ``$LOOPS_BASE_URL``) when given, else a
+    :class:`LocalServer` started for the duration of the block with ``settings``.
+
+    The one-liner the examples use so they run against the embedded server by default and
+    against any Loops server with ``--server URL``::
+
+        with embedded(args.server) as url:
+            service = ServiceClient(base_url=url)
+    """
+    url = url or os.environ.get("LOOPS_BASE_URL")
+    if url:
+        yield url
+        return
+    with LocalServer(**settings) as server:
+        yield server.url
