@@ -39,6 +39,7 @@ from .service import ServiceClient
 from .training import TrainingClient
 from .types import (
     AdamParams,
+    ArrayData,
     Checkpoint,
     CheckpointArchive,
     CheckpointFile,
@@ -70,6 +71,7 @@ __all__ = [
     "APIFuture",
     "APIStatusError",
     "AdamParams",
+    "ArrayData",
     "AuthenticationError",
     "BadRequestError",
     "Checkpoint",

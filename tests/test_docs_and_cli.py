@@ -65,3 +65,31 @@ def test_demo_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "RL [" in out
     assert "checkpoint saved: bt://loops:" in out
     assert (tmp_path / "loops-demo.png").is_file()
+
+
+def test_api_reference_is_current_and_complete() -> None:
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from gen_api_docs import documented_names
+
+    assert (
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "gen_api_docs.py"), "--check"],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    ), "docs/api.md is stale: python scripts/gen_api_docs.py"
+    errors_and_version = {n for n in loops_async.__all__ if n.endswith("Error")} | {"__version__"}
+    assert set(loops_async.__all__) - errors_and_version <= documented_names()
+    exceptions_doc = (ROOT / "docs" / "exceptions.md").read_text(encoding="utf-8")
+    for name in errors_and_version - {"__version__"}:
+        assert name in exceptions_doc, name
+
+
+def test_docs_pages_are_linked() -> None:
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    for page in (ROOT / "docs").glob("*.md"):
+        assert page.name in nav, page.name
