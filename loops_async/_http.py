@@ -114,18 +114,29 @@ def is_permanent_rejection(response: httpx.Response) -> bool:
 
 
 class Backoff:
-    """Exponential back-off with full jitter: ``base * 2**n`` capped at ``cap``."""
+    """Exponential back-off with jitter (``base * 2**n`` capped at ``cap``) within a time
+    budget of ``window`` seconds from creation."""
 
-    def __init__(self, base: float = 0.25, cap: float = 8.0) -> None:
+    def __init__(self, window: float, *, base: float = 0.25, cap: float = 8.0) -> None:
         self._base = base
         self._cap = cap
         self._attempt = 0
+        self.deadline = anyio.current_time() + window
 
     def next_delay(self) -> float:
         """The next delay in seconds."""
         ceiling = min(self._cap, self._base * (2**self._attempt))
         self._attempt += 1
         return random.uniform(ceiling / 2, ceiling)  # jitter, not crypto
+
+    async def wait(self, delay: float | None = None) -> bool:
+        """Sleep before the next attempt (``delay``, e.g. a ``Retry-After``, or the next
+        back-off step) and return True; return False at once if that would pass the deadline."""
+        pause = self.next_delay() if delay is None else delay
+        if anyio.current_time() + pause > self.deadline:
+            return False
+        await anyio.sleep(pause)
+        return True
 
 
 class _OneShotBody(httpx.AsyncByteStream):

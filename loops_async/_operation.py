@@ -71,8 +71,7 @@ class Endpoint:
         """
         url = self.url(op)
         headers = {**self.headers, "Idempotency-Key": uuid.uuid4().hex}
-        backoff = Backoff()
-        deadline = anyio.current_time() + self.ready_timeout
+        backoff = Backoff(self.ready_timeout)
         while True:
             failure: errors.LoopsError
             retry_after: float | None = None
@@ -93,10 +92,8 @@ class Endpoint:
                 if not retryable:
                     raise failure
                 retry_after = _retry_after(response)
-            delay = backoff.next_delay() if retry_after is None else retry_after
-            if anyio.current_time() + delay > deadline:
+            if not await backoff.wait(retry_after):
                 raise failure
-            await anyio.sleep(delay)
 
     async def retrieve(self, operation_id: str, result_type: type[T]) -> T:
         """Long-poll an operation until it is done; return its decoded result.
@@ -107,8 +104,7 @@ class Endpoint:
         """
         url = self.url(f"operations/{quote(operation_id, safe='')}")
         decoder = decoder_for(OpEnvelope[result_type])  # type: ignore[valid-type]
-        backoff = Backoff()
-        deadline = anyio.current_time() + self.ready_timeout
+        backoff = Backoff(self.ready_timeout)
         while True:
             try:
                 response = await self.transport.request(
@@ -117,13 +113,10 @@ class Endpoint:
             except errors.ReadTimeoutError:
                 continue  # an idle hold that outlived our read timeout: poll again
             except errors.TransportError:
-                delay = backoff.next_delay()
-                if anyio.current_time() + delay > deadline:
+                if not await backoff.wait():
                     raise
-                await anyio.sleep(delay)
                 continue
-            backoff = Backoff()
-            deadline = anyio.current_time() + self.ready_timeout
+            backoff = Backoff(self.ready_timeout)
             status = response.status_code
             if status == 200:
                 try:

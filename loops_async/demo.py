@@ -18,6 +18,7 @@ the async API (asyncio), the way an RL actor would use it.
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import sys
 import time
@@ -320,42 +321,28 @@ def _plot(result: DemoResult, path: Path, out: TextIO) -> Path | None:
 
 def run_demo(
     *,
-    sft_steps: int = 10,
-    rl_steps: int = 40,
-    seed: int = 0,
     server: str | None = None,
-    base_model: str = MODEL,
+    seed: int = 0,
     output: Path = Path("demo-output"),
     out: TextIO | None = None,
+    **options: Any,
 ) -> DemoResult:
-    """Run the demo (starting an embedded local server unless ``server`` is given)."""
-    out = sys.stdout if out is None else out
-    if server is not None:
-        return anyio.run(
-            lambda: run_demo_async(
-                sft_steps=sft_steps,
-                rl_steps=rl_steps,
-                seed=seed,
-                server=server,
-                base_model=base_model,
-                output=output,
-                out=out,
-            )
-        )
-    from .server import LocalServer
+    """Run the demo on asyncio, starting an embedded local server unless ``server`` is given.
 
-    print("starting the embedded local server (torch backend) ...", file=out)
-    with LocalServer(backend="torch", seed=seed, data_dir=output / "data") as local:
-        print(f"server {local.url}, data in {local.data_dir}", file=out)
-        return run_demo(
-            sft_steps=sft_steps,
-            rl_steps=rl_steps,
-            seed=seed,
-            server=local.url,
-            base_model=base_model,
-            output=output,
-            out=out,
-        )
+    ``options``: ``sft_steps``, ``rl_steps``, ``base_model`` (see :func:`run_demo_async`).
+    """
+    out = sys.stdout if out is None else out
+    if server is None:
+        from .server import LocalServer
+
+        print("starting the embedded local server (torch backend) ...", file=out)
+        with LocalServer(backend="torch", seed=seed, data_dir=output / "data") as local:
+            print(f"server {local.url}, data in {local.data_dir}", file=out)
+            return run_demo(server=local.url, seed=seed, output=output, out=out, **options)
+    run = functools.partial(
+        run_demo_async, server=server, seed=seed, output=output, out=out, **options
+    )
+    return anyio.run(run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

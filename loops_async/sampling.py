@@ -7,7 +7,6 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import msgspec
 
 from . import _portal, _validate, errors
@@ -253,8 +252,7 @@ class SamplingClient:
     async def _post(self, body: bytes) -> tuple[SampleAnswer, int | None]:
         url = f"{self._base_url}/sample"
         headers = {**self._headers, "Idempotency-Key": uuid.uuid4().hex}
-        backoff = Backoff(base=0.05, cap=2.0)
-        deadline = anyio.current_time() + self._ready_timeout
+        backoff = Backoff(self._ready_timeout, base=0.05, cap=2.0)
         while True:
             failure: errors.LoopsError
             try:
@@ -279,10 +277,8 @@ class SamplingClient:
                 failure = error_for_response(response)
                 if status not in _RETRY_STATUSES:
                     raise failure
-            delay = backoff.next_delay()
-            if anyio.current_time() + delay > deadline:
+            if not await backoff.wait():
                 raise failure
-            await anyio.sleep(delay)
 
     async def sample_async(
         self,

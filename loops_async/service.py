@@ -209,8 +209,7 @@ class ServiceClient:
         retry only connections that never reached the server. Retries stop after
         ``CONTROL_PLANE_RETRY_WINDOW`` seconds, so a wrong URL fails fast."""
         content = None if body is None else encode(body)
-        backoff = Backoff()
-        deadline = anyio.current_time() + min(self._ready_timeout, CONTROL_PLANE_RETRY_WINDOW)
+        backoff = Backoff(min(self._ready_timeout, CONTROL_PLANE_RETRY_WINDOW))
         while True:
             failure: errors.LoopsError
             try:
@@ -229,10 +228,8 @@ class ServiceClient:
                 failure = error_for_response(response)
                 if method != "GET" or response.status_code not in (502, 503, 504):
                     raise failure
-            delay = backoff.next_delay()
-            if anyio.current_time() + delay > deadline:
+            if not await backoff.wait():
                 raise failure
-            await anyio.sleep(delay)
 
     async def _request_json(self, method: str, url: str, **kwargs: Any) -> Any:
         response = await self._request(method, url, **kwargs)
@@ -264,8 +261,7 @@ class ServiceClient:
 
     async def _wait_trainer_ready(self, endpoint: Endpoint, run: RunInfo) -> None:
         """Poll ``GET {base_url}/health`` until 200; stop early if the deployment failed."""
-        deadline = anyio.current_time() + self._ready_timeout
-        backoff = Backoff(base=0.1, cap=2.0)
+        backoff = Backoff(self._ready_timeout, base=0.1, cap=2.0)
         polls = 0
         while True:
             try:
@@ -282,12 +278,10 @@ class ServiceClient:
             polls += 1
             if run.deployment_id and polls % 4 == 0:
                 await self._check_deployment(run.deployment_id)
-            delay = backoff.next_delay()
-            if anyio.current_time() + delay > deadline:
+            if not await backoff.wait():
                 raise errors.OperationTimeoutError(
                     f"trainer for run {run.id} not ready after {self._ready_timeout:g} s"
                 )
-            await anyio.sleep(delay)
 
     async def _check_deployment(self, deployment_id: str) -> None:
         url = f"{self._base_url}/v1/loops/deployments/{deployment_id}"
@@ -461,8 +455,7 @@ class ServiceClient:
         if not sampler.model_id or not sampler.deployment_id:
             return  # shared capacity: nothing to wait for
         url = f"{self._base_url}/v1/models/{sampler.model_id}/deployments/{sampler.deployment_id}"
-        deadline = anyio.current_time() + self._ready_timeout
-        backoff = Backoff(base=0.1, cap=2.0)
+        backoff = Backoff(self._ready_timeout, base=0.1, cap=2.0)
         while True:
             status = (await self._request_typed("GET", url, SamplerDeploymentStatus)).status
             status = status.upper()
@@ -472,12 +465,10 @@ class ServiceClient:
                 raise errors.DeploymentError(f"sampler {sampler.id} deployment is {status}")
             if status == "SCALED_TO_ZERO":
                 await self._request("POST", f"{sampler.base_url.rstrip('/')}/wake", body={})
-            delay = backoff.next_delay()
-            if anyio.current_time() + delay > deadline:
+            if not await backoff.wait():
                 raise errors.OperationTimeoutError(
                     f"sampler {sampler.id} not ready after {self._ready_timeout:g} s ({status})"
                 )
-            await anyio.sleep(delay)
 
     async def _paired_sampler(self, run_id: str) -> SamplerInfo:
         """The sampler paired with a run (created once; the route is idempotent per run)."""
@@ -493,8 +484,7 @@ class ServiceClient:
     async def _wait_policy_version(self, sampler: SamplerInfo, run_id: str, version: int) -> None:
         """Poll ``GET {sampler}/trainers_policy_version`` until it reaches ``version``."""
         url = f"{sampler.base_url.rstrip('/')}/trainers_policy_version"
-        deadline = anyio.current_time() + self._ready_timeout
-        backoff = Backoff(base=0.02, cap=1.0)
+        backoff = Backoff(self._ready_timeout, base=0.02, cap=1.0)
         while True:
             response = await self._transport.request("GET", url, headers={"X-Run-Id": run_id})
             if response.status_code == 200:
@@ -503,13 +493,11 @@ class ServiceClient:
                     return
             elif response.status_code not in (404, 408, 502, 503, 504):
                 raise error_for_response(response)
-            delay = backoff.next_delay()
-            if anyio.current_time() + delay > deadline:
+            if not await backoff.wait():
                 raise errors.OperationTimeoutError(
                     f"sampler {sampler.id} did not reach policy version {version} "
                     f"within {self._ready_timeout:g} s"
                 )
-            await anyio.sleep(delay)
 
     def _sampling_client(
         self, sampler: SamplerInfo, base_model: str, headers: dict[str, str]
