@@ -24,7 +24,14 @@ from ._http import POLL_READ_TIMEOUT, Backoff, Transport, error_for_response, is
 from ._loop import current_loop
 from ._wire import OPERATION_SCHEMA_VERSION, OpEnvelope, SubmitAccepted
 
-__all__ = ["APIFuture", "ChainedFuture", "Endpoint", "OperationFuture"]
+__all__ = [
+    "APIFuture",
+    "ChainedFuture",
+    "Endpoint",
+    "OperationFuture",
+    "accepted_operation_id",
+    "retry_after",
+]
 
 T = TypeVar("T")
 
@@ -74,7 +81,7 @@ class Endpoint:
         backoff = Backoff(self.ready_timeout)
         while True:
             failure: errors.LoopsError
-            retry_after: float | None = None
+            pause: float | None = None
             try:
                 response = await self.transport.request(
                     "POST", url, content=body, headers=headers, timeout=SUBMIT_READ_TIMEOUT
@@ -84,15 +91,15 @@ class Endpoint:
             else:
                 status = response.status_code
                 if 200 <= status < 300:
-                    return _accepted_operation_id(response)
+                    return accepted_operation_id(response)
                 failure = error_for_response(response)
                 retryable = status in _RETRY_SUBMIT_STATUSES or (
                     status in _NOT_READY_STATUSES and not is_permanent_rejection(response)
                 )
                 if not retryable:
                     raise failure
-                retry_after = _retry_after(response)
-            if not await backoff.wait(retry_after):
+                pause = retry_after(response)
+            if not await backoff.wait(pause):
                 raise failure
 
     async def retrieve(self, operation_id: str, result_type: type[T]) -> T:
@@ -149,7 +156,8 @@ class Endpoint:
             raise error_for_response(response)
 
 
-def _accepted_operation_id(response: Any) -> str:
+def accepted_operation_id(response: Any) -> str:
+    """The operation id of a 202 answer (``ProtocolError`` if missing or of another schema)."""
     try:
         accepted: SubmitAccepted = decoder_for(SubmitAccepted).decode(response.content)
     except msgspec.DecodeError as exc:
@@ -163,7 +171,8 @@ def _accepted_operation_id(response: Any) -> str:
     return accepted.operation_id
 
 
-def _retry_after(response: Any) -> float | None:
+def retry_after(response: Any) -> float | None:
+    """A response's ``Retry-After`` in seconds (capped at 60), if it has a usable one."""
     value = response.headers.get("retry-after")
     if value is None:
         return None

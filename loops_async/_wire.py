@@ -163,6 +163,10 @@ class SampleRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
+    model: str | None = None
+    """Shared samplers only: the base model."""
+    lora: str | None = None
+    """Shared samplers only: the pinned ``bt://`` adapter path."""
 
 
 class ChoiceLogprobs(msgspec.Struct, kw_only=True, omit_defaults=True):

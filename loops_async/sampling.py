@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
+import anyio
 import msgspec
 
 from . import _portal, _validate, errors
 from ._codec import decoder_for, encode
-from ._http import Backoff, Transport, error_for_response
-from ._wire import PromptLogprob, SampleAnswer, SampleChoice, SampleRequest
+from ._http import POLL_READ_TIMEOUT, Backoff, Transport, error_for_response
+from ._operation import TRANSIENT_RETRY_DELAY, accepted_operation_id, retry_after
+from ._wire import OpEnvelope, PromptLogprob, SampleAnswer, SampleChoice, SampleRequest
 from .types import (
     EncodedTextChunk,
     ModelInput,
@@ -26,9 +30,24 @@ if TYPE_CHECKING:
 
 __all__ = ["SamplingClient"]
 
+log = logging.getLogger("loops_async")
+
 MAX_TOP_K_PROMPT_LOGPROBS = 20
 POLICY_VERSION_HEADER = "x-trainers-policy-version"
 _RETRY_STATUSES = frozenset({408, 429, 502, 504})
+
+
+def _answer(content: bytes) -> SampleAnswer:
+    try:
+        answer: SampleAnswer = decoder_for(SampleAnswer).decode(content)
+    except msgspec.DecodeError as exc:
+        raise errors.ProtocolError(f"undecodable sample answer: {exc}") from exc
+    return answer
+
+
+def _policy_version(response: Any) -> int | None:
+    version = response.headers.get(POLICY_VERSION_HEADER)
+    return int(version) if version and version.isdigit() else None
 
 
 def _token_id(value: str | int) -> int:
@@ -89,8 +108,12 @@ class SamplingClient:
         sample_timeout: float,
         owns_transport: bool = False,
         affinity_key: str | None = None,
+        shared: bool = False,
+        lora: str | None = None,
     ) -> None:
         self._transport = transport
+        self._shared = shared
+        self._lora = lora
         self._owns_transport = owns_transport
         self._base_url = base_url.rstrip("/")
         self._base_model = base_model
@@ -119,6 +142,8 @@ class SamplingClient:
             "ready_timeout": self._ready_timeout,
             "sample_timeout": self._sample_timeout,
             "affinity_key": self._affinity_key,
+            "shared": self._shared,
+            "lora": self._lora,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -131,6 +156,8 @@ class SamplingClient:
             ready_timeout=state["ready_timeout"],
             sample_timeout=state["sample_timeout"],
             affinity_key=state["affinity_key"],
+            shared=state["shared"],
+            lora=state["lora"],
         )
 
     # ------------------------------------------------------------------ properties
@@ -148,8 +175,9 @@ class SamplingClient:
 
     @property
     def checkpoint_path(self) -> str | None:
-        """The checkpoint this client is pinned to (``X-Checkpoint-Path``), if any."""
-        return self._headers.get("X-Checkpoint-Path")
+        """The checkpoint this client is pinned to (``X-Checkpoint-Path``, or the ``lora`` of a
+        shared sampler's requests), if any."""
+        return self._headers.get("X-Checkpoint-Path") or self._lora
 
     def get_base_model(self) -> str:
         """The base model the sampler runs."""
@@ -246,6 +274,8 @@ class SamplingClient:
             stop=stop_strings or None,
             stop_token_ids=stop_ids or None,
             prompt_logprobs=topk_prompt_logprobs if wants_prompt else None,
+            model=self._base_model if self._shared else None,
+            lora=self._lora if self._shared else None,
         )
         return encode(request), tokens
 
@@ -268,17 +298,66 @@ class SamplingClient:
             else:
                 status = response.status_code
                 if status == 200:
-                    try:
-                        answer: SampleAnswer = decoder_for(SampleAnswer).decode(response.content)
-                    except msgspec.DecodeError as exc:
-                        raise errors.ProtocolError(f"undecodable sample answer: {exc}") from exc
-                    version = response.headers.get(POLICY_VERSION_HEADER)
-                    return answer, int(version) if version and version.isdigit() else None
+                    return _answer(response.content), _policy_version(response)
+                if status == 202:  # a shared sampler: the operation protocol (PROTOCOL §2, §6)
+                    return await self._retrieve(accepted_operation_id(response))
                 failure = error_for_response(response)
                 if status not in _RETRY_STATUSES:
                     raise failure
             if not await backoff.wait():
                 raise failure
+
+    async def _retrieve(self, operation_id: str) -> tuple[SampleAnswer, int | None]:
+        """Long-poll a shared sampler's operation; a caller that gives up (cancelled, timed
+        out, failed) cancels the operation on the sampler, best effort."""
+        url = f"{self._base_url}/operations/{quote(operation_id, safe='')}"
+        try:
+            return await self._poll(url, operation_id)
+        except (errors.RemoteOpError, errors.UnknownRequestError, errors.ProtocolError):
+            raise  # the operation is over: nothing to cancel
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                try:
+                    await self._transport.request(
+                        "POST", f"{url}/cancel", headers=self._headers, content=b"{}"
+                    )
+                except Exception:  # best effort: never mask why we gave up
+                    log.debug("could not cancel sampling operation %s", operation_id)
+            raise
+
+    async def _poll(self, url: str, operation_id: str) -> tuple[SampleAnswer, int | None]:
+        """``GET {sampler}/operations/<id>`` until done: 408 re-polls at once; 503 (honouring
+        ``Retry-After``), 502 and 504 re-poll after a pause."""
+        decoder = decoder_for(OpEnvelope[SampleAnswer])
+        while True:
+            try:
+                response = await self._transport.request(
+                    "GET", url, headers=self._headers, timeout=POLL_READ_TIMEOUT
+                )
+            except errors.ReadTimeoutError:
+                continue
+            status = response.status_code
+            if status in (502, 503, 504):
+                await anyio.sleep(retry_after(response) or TRANSIENT_RETRY_DELAY)
+                continue
+            if status == 404:
+                raise error_for_response(response, errors.UnknownRequestError)
+            if status != 200:
+                if status == 408:
+                    continue
+                raise error_for_response(response)
+            try:
+                envelope: OpEnvelope[SampleAnswer] = decoder.decode(response.content)
+            except msgspec.DecodeError as exc:
+                raise errors.ProtocolError(f"undecodable sample result: {exc}") from exc
+            if envelope.status == "error":
+                raise errors.RemoteOpError(
+                    envelope.error or "sampling failed",
+                    error_class=envelope.error_class,
+                    operation_id=operation_id,
+                )
+            if envelope.status == "done" and envelope.result is not None:
+                return envelope.result, _policy_version(response)
 
     async def sample_async(
         self,

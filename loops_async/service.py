@@ -500,8 +500,23 @@ class ServiceClient:
                 )
 
     def _sampling_client(
-        self, sampler: SamplerInfo, base_model: str, headers: dict[str, str]
+        self,
+        sampler: SamplerInfo,
+        base_model: str,
+        headers: dict[str, str],
+        *,
+        pin: str | None = None,
     ) -> SamplingClient:
+        """A client for ``sampler``. A shared sampler (``model_id`` null) speaks the operation
+        protocol and is pinned to ``pin`` by the request's ``lora`` instead of by routing
+        headers (PROTOCOL §6)."""
+        shared = sampler.model_id is None
+        if shared:
+            headers = {
+                k: v
+                for k, v in headers.items()
+                if k not in ("X-Min-Policy-Version", "X-Checkpoint-Path")
+            }
         return SamplingClient(
             transport=self._transport,
             base_url=sampler.base_url,
@@ -509,6 +524,8 @@ class ServiceClient:
             headers=headers,
             ready_timeout=self._ready_timeout,
             sample_timeout=self._sample_timeout,
+            shared=shared,
+            lora=pin if shared else None,
         )
 
     async def create_sampling_client_async(
@@ -526,8 +543,11 @@ class ServiceClient:
                 session_id=session_id, availability_model="dedicated", model_path=model_path
             )
             sampler = await self._create_sampler(request)
+            headers = {"X-Checkpoint-Path": model_path}
+            if sampler.model_id is None:  # shared: pinned by the body, so name the sampler
+                headers = {"X-Sampler-Id": sampler.id}
             return self._sampling_client(
-                sampler, checkpoint.base_model or "", {"X-Checkpoint-Path": model_path}
+                sampler, checkpoint.base_model or "", headers, pin=model_path
             )
         assert base_model is not None
         if not isinstance(base_model, str) or not base_model:

@@ -565,10 +565,13 @@ class TrainingClient:
         """Wait until the paired sampler serves ``published.version``; a client pinned there."""
         version = published.version or 0
         sampler = await self._service._paired_sampler(self._run_id)
+        headers = {"X-Run-Id": self._run_id}
+        if sampler.model_id is None:  # shared: pinned to the published path, nothing to wait for
+            return self._service._sampling_client(
+                sampler, self._base_model, headers, pin=published.path
+            )
         if version > 0:
             await self._service._wait_policy_version(sampler, self._run_id, version)
-        headers = {"X-Run-Id": self._run_id}
-        if version > 0:
             headers["X-Min-Policy-Version"] = str(version)
         return self._service._sampling_client(sampler, self._base_model, headers)
 
@@ -608,7 +611,7 @@ class TrainingClient:
             "X-Checkpoint-Path": path,
             "X-Min-Policy-Version": str(self._last_published_version + 1),
         }
-        return self._service._sampling_client(sampler, self._base_model, headers)
+        return self._service._sampling_client(sampler, self._base_model, headers, pin=path)
 
     def create_sampling_client(self, model_path: str) -> SamplingClient:
         """A client of this run's sampler that serves checkpoint ``model_path`` until the run

@@ -242,3 +242,77 @@ def test_pickled_copy_keeps_routing_but_not_secrets_in_repr() -> None:
     assert "Api-Key" not in repr(copy)
     copy.close()
     sampler.close()
+
+
+# --------------------------------------------------------------------------- shared samplers
+
+
+def shared_client(script: Script) -> SamplingClient:
+    transport = Transport(
+        api_key=None, timeout=10, max_connections=10, transport=httpx.MockTransport(script)
+    )
+    return SamplingClient(
+        transport=transport,
+        owns_transport=True,
+        base_url=URL,
+        base_model="loops-local/tiny-chat",
+        headers={"X-Sampler-Id": "s1"},
+        ready_timeout=5,
+        sample_timeout=5,
+        shared=True,
+        lora="bt://loops:run-1/sampler_weights/v3",
+    )
+
+
+def accepted(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(202, json={"operation_id": "op/1", "schema_version": 1})
+
+
+async def test_shared_sampler_uses_the_operation_protocol(anyio_backend: str) -> None:
+    done = {
+        "status": "done",
+        "result": {
+            "choices": [{"logprobs": {"tokens": [4], "token_logprobs": [-0.5]}, "text": "d"}]
+        },
+    }
+    script = Script(
+        accepted,
+        lambda r: httpx.Response(408, json={"detail": "not yet"}),
+        lambda r: httpx.Response(503, json={"detail": "busy"}, headers={"Retry-After": "0"}),
+        lambda r: httpx.Response(200, json=done),
+    )
+    async with shared_client(script) as sampler:
+        out = await sampler.sample_async(PROMPT)
+    body = msgspec.json.decode(script.requests[0].content)
+    assert body["model"] == "loops-local/tiny-chat"
+    assert body["lora"] == "bt://loops:run-1/sampler_weights/v3"
+    assert script.requests[1].url.raw_path.endswith(b"/samplers/s1/operations/op%2F1")
+    assert all(r.headers["x-sampler-id"] == "s1" for r in script.requests)
+    assert out.sequences[0].tokens == [4]
+    assert sampler.checkpoint_path == "bt://loops:run-1/sampler_weights/v3"
+
+
+async def test_shared_sampler_error_and_cancel_on_give_up(anyio_backend: str) -> None:
+    failed = {"status": "error", "error": "out of memory", "error_class": "RuntimeError"}
+    script = Script(accepted, lambda r: httpx.Response(200, json=failed))
+    async with shared_client(script) as sampler:
+        with pytest.raises(E.RemoteOpError, match="out of memory"):
+            await sampler.sample_async(PROMPT)
+    assert not script.requests[-1].url.raw_path.endswith(b"/cancel"), "finished: no cancel"
+
+    async def hold(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep(10)
+        return httpx.Response(408)
+
+    cancelled: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        cancelled.append(request)
+        return httpx.Response(200, json={"operation_id": "op/1", "status": "cancelled"})
+
+    script = Script(accepted, hold, record)  # type: ignore[arg-type]
+    async with shared_client(script) as sampler:
+        with anyio.move_on_after(0.2):
+            await sampler.sample_async(PROMPT)
+    assert len(cancelled) == 1
+    assert cancelled[0].method == "POST"
