@@ -390,12 +390,15 @@ class SamplingClient:
         candidates per position). A sampler behind the policy-version floor answers 408; the
         call retries it (and 502s) with back-off, bounded by ``ready_timeout``.
         """
-        _portal.ensure_sync_context("sample_async")
-        body, tokens = self._build(
-            prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs
+        return _portal.run(
+            self.sample_async,
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            twin="sample_async",
         )
-        answer, version = _portal.run(self._post, body, twin="sample_async")
-        return self._response(answer, version, tokens, topk_prompt_logprobs)
 
     def _response(
         self, answer: SampleAnswer, version: int | None, prompt: list[int], k: int
@@ -440,10 +443,7 @@ class SamplingClient:
     def compute_logprobs(self, prompt: ModelInput) -> list[float | None]:
         """The logprob of each prompt token given the ones before it (``None`` for the first),
         under the sampler's current weights."""
-        response = self.sample(
-            prompt, 1, SamplingParams(max_tokens=1, temperature=0.0), include_prompt_logprobs=True
-        )
-        return self._prompt_lps(response)
+        return _portal.run(self.compute_logprobs_async, prompt, twin="compute_logprobs_async")
 
     @staticmethod
     def _prompt_lps(response: SampleResponse) -> list[float | None]:

@@ -132,11 +132,18 @@ def ppo(
     clipped = torch.clamp(ratio, low, high) * adv
     per_token = -torch.minimum(unclipped, clipped)
     was_clipped = active & (clipped.detach() < unclipped.detach())
+    return _clipped_result(per_token, active, ratio, was_clipped)
+
+
+def _clipped_result(
+    per_token: torch.Tensor, active: torch.Tensor, ratio: torch.Tensor, clipped: torch.Tensor
+) -> LossResult:
+    """The result of a clipped policy-gradient loss, with its clip and ratio metrics."""
     return LossResult(
         loss_sum=_masked_sum(per_token, active),
         active=float(active.sum().item()),
         metric_sums={
-            "clip_fraction": float(was_clipped.sum().item()),
+            "clip_fraction": float(clipped.sum().item()),
             "ratio_mean": float(_masked_sum(ratio.detach(), active).item()),
         },
     )
@@ -153,14 +160,7 @@ def cispo(
     active, adv, _q, ratio = _rl_inputs(lp, valid, inputs)
     weight = torch.clamp(ratio.detach(), low, high)
     clipped = active & ((ratio.detach() < low) | (ratio.detach() > high))
-    return LossResult(
-        loss_sum=_masked_sum(-weight * lp * adv, active),
-        active=float(active.sum().item()),
-        metric_sums={
-            "clip_fraction": float(clipped.sum().item()),
-            "ratio_mean": float(_masked_sum(ratio.detach(), active).item()),
-        },
-    )
+    return _clipped_result(-weight * lp * adv, active, ratio, clipped)
 
 
 def dro(

@@ -25,19 +25,6 @@ def server() -> Iterator[LocalServer]:
         yield srv
 
 
-@pytest.fixture
-def client(server: LocalServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30.0) as c:
-        yield c
-
-
-@pytest.fixture
-def trainer(client: httpx.Client) -> Trainer:
-    t = Trainer(client)
-    t.init()
-    return t
-
-
 def _still_serving(client: httpx.Client) -> None:
     r = client.get("/v1/loops/capabilities")
     assert r.status_code == 200

@@ -36,19 +36,6 @@ def server() -> Iterator[LocalServer]:
         yield srv
 
 
-@pytest.fixture
-def client(server: LocalServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=10.0) as c:
-        yield c
-
-
-@pytest.fixture
-def trainer(client: httpx.Client) -> Trainer:
-    t = Trainer(client)
-    t.init()
-    return t
-
-
 def _serving(trainer: Trainer) -> None:
     """The run still answers health and still runs operations."""
     assert trainer.client.get(trainer.url("health")).status_code == 200
