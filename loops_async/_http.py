@@ -1,15 +1,18 @@
-"""HTTP transport: one ``httpx.AsyncClient`` per event loop, the protocol headers, and the one
-place where HTTP failures become :mod:`loops_async.errors` exceptions."""
+"""HTTP transport and request policy: per-event-loop ``httpx.AsyncClient`` objects in two lanes,
+the protocol headers, the one retry loop (:meth:`Transport.send`) with a status table per route
+kind, and the one place where HTTP failures become :mod:`loops_async.errors` exceptions."""
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import random
 import threading
+import time
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,28 @@ import httpx
 import msgspec
 
 from . import errors
-from ._loop import current_loop
+from ._loop import current_loop, running_loop
 from ._version import __version__
 
-__all__ = ["Backoff", "Transport", "error_for_response", "is_permanent_rejection"]
+__all__ = [
+    "CONTROL_READ",
+    "CONTROL_WRITE",
+    "PROBE",
+    "RETRY_TIME_SCALE",
+    "SAMPLE",
+    "SAMPLER_POLL",
+    "TRAINER_POLL",
+    "TRAINER_SUBMIT",
+    "Backoff",
+    "Lane",
+    "ReadTimeout",
+    "RouteTable",
+    "Transport",
+    "error_for_response",
+    "is_permanent_rejection",
+    "map_httpx_error",
+    "retry_after",
+]
 
 log = logging.getLogger("loops_async")
 
@@ -113,6 +134,11 @@ def is_permanent_rejection(response: httpx.Response) -> bool:
     return False
 
 
+RETRY_TIME_SCALE = 1.0
+"""Multiplies every retry pause (back-off steps, fixed pauses, ``Retry-After``); tests that
+inject thousands of faults shrink it. Deadlines (windows) are not scaled."""
+
+
 class Backoff:
     """Exponential back-off with jitter (``base * 2**n`` capped at ``cap``) within a time
     budget of ``window`` seconds from creation."""
@@ -132,7 +158,7 @@ class Backoff:
     async def wait(self, delay: float | None = None) -> bool:
         """Sleep before the next attempt (``delay``, e.g. a ``Retry-After``, or the next
         back-off step) and return True; return False at once if that would pass the deadline."""
-        pause = self.next_delay() if delay is None else delay
+        pause = (self.next_delay() if delay is None else delay) * RETRY_TIME_SCALE
         if anyio.current_time() + pause > self.deadline:
             return False
         await anyio.sleep(pause)
@@ -167,14 +193,157 @@ class _OneShotBody(httpx.AsyncByteStream):
             return data
 
 
-@dataclass(frozen=True, slots=True)
-class _LoopClient:
-    """One event loop's HTTP client and its in-flight limiter."""
+class Lane(enum.Enum):
+    """Which connection pool (and in-flight limit) a request uses. Samples (up to
+    ``sample_timeout`` each, thousands at once) never queue ahead of a trainer submit, a
+    long-poll, a heartbeat or a control-plane call."""
 
-    token: anyio.lowlevel.EventLoopToken
+    CONTROL = "control"
+    """Trainer operations (submits, long-polls, health) and the control plane."""
+    SAMPLING = "sampling"
+    """Sample requests and shared samplers' operation polls."""
+
+
+class ReadTimeout(enum.Enum):
+    """What a request policy does when a response does not come within the read timeout."""
+
+    AGAIN = "again"
+    """Send again at once (a long-poll whose hold outlived our read timeout)."""
+    RETRY = "retry"
+    """Send again after back-off, like any transport failure."""
+    RAISE = "raise"
+    """Give up (raise the table's ``read_timeout_error``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    """How one kind of request is sent and retried: the request policy's status table.
+
+    Every request of the client goes through :meth:`Transport.send` with one of these. A status
+    in ``success`` returns the response; ``again`` re-sends at once (no back-off: a long-poll's
+    "not yet"); ``transient`` re-sends after ``Retry-After`` or back-off (a fixed ``pause`` if
+    set), within the caller's window; ``not_ready`` does the same unless the rejection is marked
+    permanent (PROTOCOL §1); anything else raises the mapped :mod:`~loops_async.errors` class.
+    Connection failures (the request never reached the server) are always retried; other
+    transport failures only when ``retry_transport`` (an idempotent request).
+    """
+
+    name: str
+    lane: Lane
+    success: frozenset[int]
+    again: frozenset[int] = frozenset()
+    transient: frozenset[int] = frozenset()
+    not_ready: frozenset[int] = frozenset()
+    pause: float | None = None
+    retry_transport: bool = True
+    read_timeout: ReadTimeout = ReadTimeout.RETRY
+    read_timeout_error: type[errors.LoopsError] = errors.ReadTimeoutError
+    status_errors: Mapping[int, type[errors.APIStatusError]] = field(default_factory=dict)
+
+
+_2XX = frozenset(range(200, 300))
+TRANSIENT_PAUSE = 2.0
+"""Seconds before re-polling an operation after a 502/503/504 (PROTOCOL §2)."""
+
+TRAINER_SUBMIT = RouteTable(
+    "trainer submit",
+    Lane.CONTROL,
+    success=_2XX,
+    transient=frozenset({408, 429, 502, 504}),
+    not_ready=frozenset({400, 404}),
+)
+"""``POST {trainer}/<op>`` with an ``Idempotency-Key``: every retry is safe."""
+TRAINER_POLL = RouteTable(
+    "trainer poll",
+    Lane.CONTROL,
+    success=frozenset({200}),
+    again=frozenset({408}),
+    transient=frozenset({502, 504}),
+    pause=TRANSIENT_PAUSE,
+    read_timeout=ReadTimeout.AGAIN,
+    status_errors={404: errors.UnknownRequestError},
+)
+"""``GET {trainer}/operations/<id>``: 503 is a shutdown and raises."""
+SAMPLE = RouteTable(
+    "sample",
+    Lane.SAMPLING,
+    success=frozenset({200, 202}),
+    transient=frozenset({408, 429, 502, 504}),
+    read_timeout=ReadTimeout.RAISE,
+    read_timeout_error=errors.SampleTimeoutError,
+)
+"""``POST {sampler}/sample``: 200 is the answer, 202 an operation (shared samplers); 408 is
+the policy-version gate."""
+SAMPLER_POLL = RouteTable(
+    "sampler poll",
+    Lane.SAMPLING,
+    success=frozenset({200}),
+    again=frozenset({408}),
+    transient=frozenset({502, 503, 504}),
+    pause=TRANSIENT_PAUSE,
+    read_timeout=ReadTimeout.AGAIN,
+    status_errors={404: errors.UnknownRequestError},
+)
+"""``GET {sampler}/operations/<id>`` of a shared sampler (503 + ``Retry-After`` re-polls)."""
+CONTROL_READ = RouteTable(
+    "control read", Lane.CONTROL, success=_2XX, transient=frozenset({502, 503, 504})
+)
+"""Control-plane GETs (and other idempotent reads)."""
+CONTROL_WRITE = RouteTable("control write", Lane.CONTROL, success=_2XX, retry_transport=False)
+"""Control-plane POSTs: only a connection that never reached the server is retried."""
+PROBE = RouteTable(
+    "probe", Lane.CONTROL, success=frozenset(range(100, 600)), retry_transport=False
+)
+"""One attempt whose every status goes back to the caller (health, readiness and version
+probes, whose own loops decide)."""
+
+
+@dataclass(slots=True)
+class _LaneClient:
     client: httpx.AsyncClient
     limiter: anyio.Semaphore
 
+
+@dataclass(slots=True)
+class _LoopClients:
+    """One event loop's HTTP clients, one per lane. The loop is held weakly."""
+
+    backend: Any
+    native: weakref.ref[object]
+    lanes: dict[Lane, _LaneClient]
+
+    def token(self) -> anyio.lowlevel.EventLoopToken | None:
+        native = self.native()
+        return None if native is None else anyio.lowlevel.EventLoopToken(self.backend, native)
+
+    def runs(self) -> bool:
+        """Whether the loop can run a callback now: not ended, and (asyncio) running."""
+        native = self.native()
+        if native is None or self.finished():
+            return False
+        is_running = getattr(native, "is_running", None)
+        return bool(is_running()) if callable(is_running) else True
+
+    def finished(self) -> bool:
+        """Whether the loop has ended (collected, closed, or its run returned)."""
+        native = self.native()
+        if native is None:
+            return True
+        try:
+            self.backend.run_sync_soon(_noop, (), native)
+        except anyio.RunFinishedError:
+            return True
+        except RuntimeError:
+            return True
+        return False
+
+
+def _noop() -> None:
+    pass
+
+
+CLOSE_TIMEOUT = 5.0
+"""Seconds ``close()``/``aclose()`` wait for the connections of other loops to close."""
 
 _live_transports: weakref.WeakSet[Transport] = weakref.WeakSet()
 
@@ -182,7 +351,7 @@ _live_transports: weakref.WeakSet[Transport] = weakref.WeakSet()
 def _forget_clients_after_fork() -> None:
     # The child must not reuse the parent's sockets or loops: drop (never close) them.
     for transport in list(_live_transports):
-        transport._clients.clear()
+        transport._loops.clear()
         transport._lock = threading.Lock()
 
 
@@ -191,11 +360,15 @@ if hasattr(os, "register_at_fork"):
 
 
 class Transport:
-    """Headers, timeouts and per-event-loop ``httpx.AsyncClient`` objects.
+    """Headers, timeouts, lanes and per-event-loop ``httpx.AsyncClient`` objects; the one place
+    where requests are sent, retried (:meth:`send`) and their failures mapped to
+    :mod:`loops_async.errors`.
 
     An ``httpx.AsyncClient`` belongs to the loop it was first used on, so a transport used from
-    the portal thread and from a user's loop keeps one per loop. ``aclose``/``close`` close them
-    all, each on its own loop.
+    the portal thread and from a user's loop keeps one per loop (and per :class:`Lane`). Loops
+    are held weakly; the clients of a loop that has ended are dropped the next time a new loop
+    shows up. ``aclose``/``close`` close the rest, each on its own loop, within
+    :data:`CLOSE_TIMEOUT`.
     """
 
     def __init__(
@@ -204,13 +377,16 @@ class Transport:
         api_key: str | None,
         timeout: float,
         max_connections: int,
+        max_sampling_connections: int | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         extra_headers: Mapping[str, str] | None = None,
     ) -> None:
+        sampling = max_connections if max_sampling_connections is None else max_sampling_connections
         self._config: dict[str, Any] = {
             "api_key": api_key,
             "timeout": timeout,
             "max_connections": max_connections,
+            "max_sampling_connections": sampling,
             "extra_headers": dict(extra_headers or {}),
         }
         headers = {"User-Agent": USER_AGENT, "X-Baseten-Accept-Error": "1"}
@@ -220,19 +396,16 @@ class Transport:
             headers.update(extra_headers)
         self._headers = headers
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0), pool=None)
-        self._limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
+        self._lane_limits = {Lane.CONTROL: max_connections, Lane.SAMPLING: sampling}
         self._custom_transport = transport
-        self._max_in_flight = max_connections
-        self._clients: dict[object, _LoopClient] = {}
+        self._loops: dict[int, _LoopClients] = {}
         self._lock = threading.Lock()
         self._closed = False
         _live_transports.add(self)
 
     def __repr__(self) -> str:
         # Never show the Authorization header.
-        return f"<Transport loops={len(self._clients)} closed={self._closed}>"
+        return f"<Transport loops={len(self._loops)} closed={self._closed}>"
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments that recreate an equivalent transport (in another process);
@@ -244,41 +417,60 @@ class Transport:
         """Whether ``aclose``/``close`` was called."""
         return self._closed
 
-    def _client(self) -> _LoopClient:
+    def loop_count(self) -> int:
+        """How many event loops this transport holds HTTP clients for (tests, debugging)."""
+        with self._lock:
+            return len(self._loops)
+
+    def _lane(self, lane: Lane) -> _LaneClient:
         token = current_loop()
-        key = token.native_token
-        entry = self._clients.get(key)
-        if entry is not None:
-            return entry
+        native = token.native_token
+        entry = self._loops.get(id(native))
+        if entry is not None and entry.native() is native:
+            return entry.lanes[lane]
+        stale: list[_LoopClients] = []
         with self._lock:
             if self._closed:
                 raise errors.ClientClosedError("the client is closed")
-            entry = self._clients.get(key)
-            if entry is None:
-                client = httpx.AsyncClient(
-                    headers=self._headers,
-                    timeout=self._timeout,
-                    limits=self._limits,
-                    transport=self._custom_transport,
-                    follow_redirects=False,
+            entry = self._loops.get(id(native))
+            if entry is None or entry.native() is not native:
+                for key, other in list(self._loops.items()):
+                    if other.finished():
+                        stale.append(self._loops.pop(key))
+                entry = self._loops[id(native)] = _LoopClients(
+                    token.backend_class,
+                    weakref.ref(native),
+                    {name: self._new_lane(limit) for name, limit in self._lane_limits.items()},
                 )
-                limiter = anyio.Semaphore(self._max_in_flight, fast_acquire=True)
-                entry = self._clients[key] = _LoopClient(token, client, limiter)
-        return entry
+        if stale:
+            log.debug("dropped the HTTP clients of %d finished event loop(s)", len(stale))
+        return entry.lanes[lane]
+
+    def _new_lane(self, limit: int) -> _LaneClient:
+        client = httpx.AsyncClient(
+            headers=self._headers,
+            timeout=self._timeout,
+            limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+            transport=self._custom_transport,
+            follow_redirects=False,
+        )
+        return _LaneClient(client, anyio.Semaphore(limit, fast_acquire=True))
 
     async def request(
         self,
         method: str,
         url: str,
         *,
+        lane: Lane = Lane.CONTROL,
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> httpx.Response:
-        """Send one request on this loop's client. Transport failures become
-        :class:`~loops_async.errors.TransportError`; statuses are left to the caller."""
-        entry = self._client()
+        """Send one request on this loop's client for ``lane``, once. Failures without a
+        response become :class:`~loops_async.errors.TransportError` (or
+        :class:`~loops_async.errors.ProtocolError`); statuses are left to the caller."""
+        entry = self._lane(lane)
         req_headers = dict(headers) if headers else {}
         if content is not None:
             req_headers.setdefault("Content-Type", "application/json")
@@ -296,16 +488,77 @@ class Transport:
                 )
                 request.stream = _OneShotBody(content or b"")
                 return await entry.client.send(request)
-        except httpx.ConnectError as exc:
-            raise errors.ConnectError(f"cannot connect for {method} {url}: {exc}") from exc
-        except httpx.ReadTimeout as exc:
-            raise errors.ReadTimeoutError(f"no answer in time for {method} {url}") from exc
-        except httpx.TransportError as exc:
-            raise errors.TransportError(f"{type(exc).__name__} for {method} {url}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise map_httpx_error(exc, method, url) from exc
+        except httpx.InvalidURL as exc:
+            raise errors.ProtocolError(f"invalid URL for {method} {url}: {exc}") from exc
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        table: RouteTable,
+        *,
+        window: float,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> httpx.Response:
+        """Send a request under ``table``'s policy until a ``success`` status comes back; raise
+        the mapped error otherwise. Retries stop when the next pause would pass ``window``
+        seconds from now; the last failure is raised."""
+        backoff = Backoff(window)
+        while True:
+            failure: errors.LoopsError
+            pause: float | None = None
+            try:
+                response = await self.request(
+                    method,
+                    url,
+                    lane=table.lane,
+                    content=content,
+                    headers=headers,
+                    params=params,
+                    timeout=timeout,
+                )
+            except errors.ReadTimeoutError as exc:
+                if table.read_timeout is ReadTimeout.AGAIN:
+                    continue
+                if table.read_timeout is ReadTimeout.RAISE:
+                    if isinstance(exc, table.read_timeout_error):
+                        raise
+                    raise table.read_timeout_error(
+                        f"no answer from {method} {url} within {timeout or 0:g} s"
+                    ) from exc
+                failure = exc
+            except errors.ConnectError as exc:
+                failure = exc
+            except errors.TransportError as exc:
+                if not table.retry_transport:
+                    raise
+                failure = exc
+            else:
+                status = response.status_code
+                if status in table.success:
+                    return response
+                if status in table.again:
+                    continue
+                failure = error_for_response(response, table.status_errors.get(status))
+                retryable = status in table.transient or (
+                    status in table.not_ready and not is_permanent_rejection(response)
+                )
+                if not retryable:
+                    raise failure
+                pause = retry_after(response)
+                if pause is None:
+                    pause = table.pause
+            if not await backoff.wait(pause):
+                raise failure
 
     async def download(self, url: str, out: Path) -> int:
         """Stream ``GET url`` into the file ``out``; returns the number of bytes written."""
-        entry = self._client()
+        entry = self._lane(Lane.CONTROL)
         written = 0
         try:
             async with entry.limiter, entry.client.stream("GET", url) as response:
@@ -316,46 +569,96 @@ class Transport:
                     async for chunk in response.aiter_bytes(1 << 20):
                         await sink.write(chunk)
                         written += len(chunk)
-        except httpx.TransportError as exc:
-            raise errors.TransportError(f"{type(exc).__name__} downloading {url}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise map_httpx_error(exc, "GET", url) from exc
         return written
 
-    async def aclose(self) -> None:
-        """Close every loop's client: this loop's directly, others on their own loops."""
+    def _take_all(self) -> list[_LoopClients]:
         self._closed = True
         with self._lock:
-            entries = list(self._clients.items())
-            self._clients.clear()
-        try:
-            here: object | None = current_loop().native_token
-        except anyio.NoEventLoopError:
-            here = None
-        others: list[_LoopClient] = []
-        for key, entry in entries:
-            if key is here:
-                await entry.client.aclose()
-            else:
-                others.append(entry)
-        if others:
-            await anyio.to_thread.run_sync(_close_on_their_loops, others)
+            entries = list(self._loops.values())
+            self._loops.clear()
+        return entries
 
-    def close(self) -> None:
-        """Close every loop's client from a thread that runs no event loop."""
-        self._closed = True
-        with self._lock:
-            entries = list(self._clients.values())
-            self._clients.clear()
-        _close_on_their_loops(entries)
+    async def aclose(self, timeout: float | None = None) -> None:
+        """Close every loop's clients: this loop's directly, others on their own loops, within
+        ``timeout`` seconds (default :data:`CLOSE_TIMEOUT`; shielded: a cancelled caller still
+        closes)."""
+        timeout = CLOSE_TIMEOUT if timeout is None else timeout
+        entries = self._take_all()
+        here = running_loop()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(timeout):
+            others: list[_LoopClients] = []
+            for entry in entries:
+                if here is not None and entry.native() is here.native_token:
+                    for lane in entry.lanes.values():
+                        await lane.client.aclose()
+                else:
+                    others.append(entry)
+            if others:
+                await anyio.to_thread.run_sync(
+                    _close_on_their_loops, others, timeout, abandon_on_cancel=True
+                )
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close every loop's clients from a thread that runs no event loop, within
+        ``timeout`` seconds (default :data:`CLOSE_TIMEOUT`)."""
+        _close_on_their_loops(self._take_all(), CLOSE_TIMEOUT if timeout is None else timeout)
 
 
-def _close_on_their_loops(entries: list[_LoopClient]) -> None:
+def map_httpx_error(exc: httpx.HTTPError, method: str, url: str) -> errors.LoopsError:
+    """The :mod:`loops_async.errors` exception for an ``httpx`` failure (the one mapping)."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return errors.ConnectError(f"cannot connect for {method} {url}: {exc}")
+    if isinstance(exc, httpx.ReadTimeout):
+        return errors.ReadTimeoutError(f"no answer in time for {method} {url}")
+    if isinstance(exc, httpx.DecodingError):
+        return errors.TransportError(
+            f"the response to {method} {url} could not be decoded (a corrupt or cut body): {exc}"
+        )
+    if isinstance(exc, httpx.TransportError):
+        return errors.TransportError(f"{type(exc).__name__} for {method} {url}: {exc}")
+    return errors.ProtocolError(f"{type(exc).__name__} for {method} {url}: {exc}")
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """A response's ``Retry-After`` in seconds (capped at 60), if it has a usable one."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return min(max(float(value), 0.0), 60.0)
+    except ValueError:
+        return None
+
+
+def _close_on_their_loops(entries: list[_LoopClients], timeout: float) -> None:
+    """Close each entry's clients on its own loop, in parallel helper threads, waiting at most
+    ``timeout`` seconds in all. A loop that has ended (its sockets went with it) or that does
+    not run (stopped but not closed) is given up on, never waited for forever."""
     import anyio.from_thread
 
+    def close_one(entry: _LoopClients) -> None:
+        token = entry.token()
+        if token is None:
+            return
+        for lane in entry.lanes.values():
+            try:
+                anyio.from_thread.run(lane.client.aclose, token=token)
+            except anyio.RunFinishedError:
+                return  # that loop is gone
+            except Exception:  # pragma: no cover - closing must not raise
+                log.debug("error closing an HTTP client", exc_info=True)
+
+    deadline = time.monotonic() + timeout
+    threads = []
     for entry in entries:
-        try:
-            anyio.from_thread.run(entry.client.aclose, token=entry.token)
-        except anyio.RunFinishedError:
-            # That loop is gone; its sockets went with it.
-            pass
-        except Exception:  # pragma: no cover - closing must not raise
-            log.debug("error closing an HTTP client", exc_info=True)
+        if not entry.runs():
+            continue  # ended, or an asyncio loop stopped but not closed: nobody would close
+        thread = threading.Thread(target=close_one, args=(entry,), daemon=True)
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            log.debug("an event loop did not close its HTTP clients within %s s", timeout)

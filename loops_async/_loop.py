@@ -13,7 +13,14 @@ from collections.abc import Callable
 import anyio
 import anyio.lowlevel
 
-__all__ = ["LoopKey", "ThreadSafeGate", "current_loop", "in_event_loop", "wake_soon"]
+__all__ = [
+    "LoopKey",
+    "ThreadSafeGate",
+    "current_loop",
+    "in_event_loop",
+    "running_loop",
+    "wake_soon",
+]
 
 LoopKey = object
 
@@ -23,29 +30,35 @@ def current_loop() -> anyio.lowlevel.EventLoopToken:
     return anyio.lowlevel.current_token()
 
 
+def running_loop() -> anyio.lowlevel.EventLoopToken | None:
+    """The token of the event loop running in this thread, or ``None`` when there is none.
+
+    A worker thread started by ``asyncio.to_thread`` inherits the loop's context, so anyio
+    believes asyncio is running there and asyncio itself raises ``RuntimeError``: that thread
+    runs no loop, and a blocking call from it is fine.
+    """
+    try:
+        return anyio.lowlevel.current_token()
+    except (anyio.NoEventLoopError, RuntimeError):
+        return None
+
+
 def in_event_loop() -> bool:
     """Whether an asyncio or trio loop is running in this thread."""
-    try:
-        anyio.lowlevel.current_token()
-    except anyio.NoEventLoopError:
-        return False
-    return True
+    return running_loop() is not None
 
 
 def wake_soon(token: anyio.lowlevel.EventLoopToken, func: Callable[[], object]) -> None:
     """Run ``func`` on ``token``'s loop: now if that loop is this thread's, else scheduled
     (thread-safe, non-blocking). A loop that has finished is ignored."""
-    try:
-        here = anyio.lowlevel.current_token().native_token
-    except anyio.NoEventLoopError:
-        here = None
-    if here is token.native_token:
+    here = running_loop()
+    if here is not None and here.native_token is token.native_token:
         func()
         return
     try:
         token.backend_class.run_sync_soon(func, (), token.native_token)
-    except anyio.RunFinishedError:
-        pass
+    except (anyio.RunFinishedError, RuntimeError):
+        pass  # that loop has finished (trio) or is closed (asyncio)
 
 
 class ThreadSafeGate:

@@ -16,11 +16,19 @@ from urllib.parse import quote
 
 import anyio
 import anyio.lowlevel
+import httpx
 import msgspec
 
-from . import _portal, errors
+from . import _http, _portal, errors
 from ._codec import decoder_for
-from ._http import POLL_READ_TIMEOUT, Backoff, Transport, error_for_response, is_permanent_rejection
+from ._http import (
+    POLL_READ_TIMEOUT,
+    PROBE,
+    TRAINER_POLL,
+    TRAINER_SUBMIT,
+    RouteTable,
+    Transport,
+)
 from ._loop import current_loop
 from ._wire import OPERATION_SCHEMA_VERSION, OpEnvelope, SubmitAccepted
 
@@ -30,19 +38,73 @@ __all__ = [
     "Endpoint",
     "OperationFuture",
     "accepted_operation_id",
-    "retry_after",
+    "decode_body",
+    "idempotency_headers",
+    "poll_operation",
 ]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 SUBMIT_READ_TIMEOUT = 60.0
-TRANSIENT_RETRY_DELAY = 2.0
-_RETRY_SUBMIT_STATUSES = frozenset({408, 429, 502, 504})
-_NOT_READY_STATUSES = frozenset({400, 404})
+UNFINISHED_PAUSE = 1.0
+"""Seconds to wait before re-polling after a 200 that is not a final status (PROTOCOL §8)."""
+
+
+def decode_body(decoder: msgspec.json.Decoder[R], response: httpx.Response, what: str) -> R:
+    """Decode a response body; an undecodable one is a :class:`~loops_async.errors.ProtocolError`
+    naming ``what`` (the one place msgspec errors are mapped)."""
+    try:
+        return decoder.decode(response.content)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise errors.ProtocolError(f"{what}: undecodable answer: {exc}") from exc
+
+
+def idempotency_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` plus a fresh ``Idempotency-Key`` that every retry of the request reuses."""
+    return {**headers, "Idempotency-Key": uuid.uuid4().hex}
+
+
+async def poll_operation(
+    transport: Transport,
+    url: str,
+    operation_id: str,
+    result_type: type[T],
+    *,
+    table: RouteTable,
+    headers: Mapping[str, str],
+    window: float,
+) -> tuple[T, httpx.Response]:
+    """Long-poll ``url`` (an operation of a trainer or a shared sampler) until it is done;
+    return its decoded result and the final response.
+
+    Raises :class:`~loops_async.errors.RemoteOpError` if it failed on the server,
+    :class:`~loops_async.errors.UnknownRequestError` on 404, and what ``table`` maps otherwise.
+    """
+    decoder = decoder_for(OpEnvelope[result_type])  # type: ignore[valid-type]
+    while True:
+        response = await transport.send(
+            "GET", url, table, window=window, headers=headers, timeout=POLL_READ_TIMEOUT
+        )
+        envelope: OpEnvelope[T] = decode_body(decoder, response, f"operation {operation_id}")
+        if envelope.status == "done":
+            if envelope.result is None:
+                raise errors.ProtocolError(
+                    f"operation {operation_id} is done but carries no result"
+                )
+            return envelope.result, response
+        if envelope.status == "error":
+            raise errors.RemoteOpError(
+                envelope.error or "operation failed",
+                error_class=envelope.error_class,
+                operation_id=operation_id,
+            )
+        # "pending"/"running" in a 200: the server did not hold the poll; do not spin.
+        await anyio.sleep(UNFINISHED_PAUSE * _http.RETRY_TIME_SCALE)
 
 
 class Endpoint:
-    """A trainer's base URL, the headers its requests carry, and the retry policy."""
+    """A trainer's base URL, the headers its requests carry, and the retry window."""
 
     def __init__(
         self,
@@ -61,107 +123,57 @@ class Endpoint:
         """The absolute URL of ``path`` under this endpoint."""
         return f"{self.base_url}/{path.lstrip('/')}"
 
-    async def get(
+    async def probe(
         self, path: str, *, params: Mapping[str, str] | None = None, timeout: float | None = None
-    ) -> Any:
-        """GET ``path`` and return the raw response (statuses are the caller's business)."""
-        return await self.transport.request(
-            "GET", self.url(path), headers=self.headers, params=params, timeout=timeout
+    ) -> httpx.Response:
+        """GET ``path`` once and return the response, whatever its status (health checks)."""
+        return await self.transport.send(
+            "GET",
+            self.url(path),
+            PROBE,
+            window=0.0,
+            headers=self.headers,
+            params=params,
+            timeout=timeout,
         )
 
     async def submit(self, op: str, body: bytes) -> str:
         """POST an operation and return its id once accepted (202).
 
-        Retries, with the same ``Idempotency-Key``, connection failures, 408/429/502/504 and
+        Retries, with the same ``Idempotency-Key``, transport failures, 408/429/502/504 and
         400/404 not marked permanent (a server still starting), with jittered exponential
-        back-off bounded by ``ready_timeout``. 503 and permanent rejections raise at once.
+        back-off bounded by ``ready_timeout`` (:data:`~loops_async._http.TRAINER_SUBMIT`). 503
+        and permanent rejections raise at once.
         """
-        url = self.url(op)
-        headers = {**self.headers, "Idempotency-Key": uuid.uuid4().hex}
-        backoff = Backoff(self.ready_timeout)
-        while True:
-            failure: errors.LoopsError
-            pause: float | None = None
-            try:
-                response = await self.transport.request(
-                    "POST", url, content=body, headers=headers, timeout=SUBMIT_READ_TIMEOUT
-                )
-            except errors.TransportError as exc:
-                failure = exc
-            else:
-                status = response.status_code
-                if 200 <= status < 300:
-                    return accepted_operation_id(response)
-                failure = error_for_response(response)
-                retryable = status in _RETRY_SUBMIT_STATUSES or (
-                    status in _NOT_READY_STATUSES and not is_permanent_rejection(response)
-                )
-                if not retryable:
-                    raise failure
-                pause = retry_after(response)
-            if not await backoff.wait(pause):
-                raise failure
+        response = await self.transport.send(
+            "POST",
+            self.url(op),
+            TRAINER_SUBMIT,
+            window=self.ready_timeout,
+            content=body,
+            headers=idempotency_headers(self.headers),
+            timeout=SUBMIT_READ_TIMEOUT,
+        )
+        return accepted_operation_id(response)
 
     async def retrieve(self, operation_id: str, result_type: type[T]) -> T:
-        """Long-poll an operation until it is done; return its decoded result.
-
-        Raises :class:`~loops_async.errors.RemoteOpError` if it failed on the server,
-        :class:`~loops_async.errors.UnknownRequestError` on 404 and
-        :class:`~loops_async.errors.ServerShutdownError` on 503.
-        """
-        url = self.url(f"operations/{quote(operation_id, safe='')}")
-        decoder = decoder_for(OpEnvelope[result_type])  # type: ignore[valid-type]
-        backoff = Backoff(self.ready_timeout)
-        while True:
-            try:
-                response = await self.transport.request(
-                    "GET", url, headers=self.headers, timeout=POLL_READ_TIMEOUT
-                )
-            except errors.ReadTimeoutError:
-                continue  # an idle hold that outlived our read timeout: poll again
-            except errors.TransportError:
-                if not await backoff.wait():
-                    raise
-                continue
-            backoff = Backoff(self.ready_timeout)
-            status = response.status_code
-            if status == 200:
-                try:
-                    decoded = decoder.decode(response.content)
-                except msgspec.DecodeError as exc:
-                    raise errors.ProtocolError(
-                        f"undecodable result for operation {operation_id}: {exc}"
-                    ) from exc
-                envelope: OpEnvelope[T] = decoded
-                if envelope.status == "done":
-                    if envelope.result is None:
-                        raise errors.ProtocolError(
-                            f"operation {operation_id} is done but carries no result"
-                        )
-                    return envelope.result
-                if envelope.status == "error":
-                    raise errors.RemoteOpError(
-                        envelope.error or "operation failed",
-                        error_class=envelope.error_class,
-                        operation_id=operation_id,
-                    )
-                continue  # "pending"/"running": not finished, poll again
-            if status == 408:
-                continue
-            if status == 404:
-                raise error_for_response(response, errors.UnknownRequestError)
-            if status in (502, 504):
-                await anyio.sleep(TRANSIENT_RETRY_DELAY)
-                continue
-            raise error_for_response(response)
+        """Long-poll an operation until it is done; return its decoded result
+        (:func:`poll_operation` with :data:`~loops_async._http.TRAINER_POLL`)."""
+        result, _ = await poll_operation(
+            self.transport,
+            self.url(f"operations/{quote(operation_id, safe='')}"),
+            operation_id,
+            result_type,
+            table=TRAINER_POLL,
+            headers=self.headers,
+            window=self.ready_timeout,
+        )
+        return result
 
 
-def accepted_operation_id(response: Any) -> str:
+def accepted_operation_id(response: httpx.Response) -> str:
     """The operation id of a 202 answer (``ProtocolError`` if missing or of another schema)."""
-    try:
-        accepted: SubmitAccepted = decoder_for(SubmitAccepted).decode(response.content)
-    except msgspec.DecodeError as exc:
-        raise errors.ProtocolError(f"submit answered an undecodable body: {exc}") from exc
+    accepted: SubmitAccepted = decode_body(decoder_for(SubmitAccepted), response, "submit")
     if not accepted.operation_id:
         raise errors.ProtocolError("submit was accepted without an operation_id")
     if accepted.schema_version != OPERATION_SCHEMA_VERSION:
@@ -169,17 +181,6 @@ def accepted_operation_id(response: Any) -> str:
             f"unsupported operation schema_version {accepted.schema_version}"
         )
     return accepted.operation_id
-
-
-def retry_after(response: Any) -> float | None:
-    """A response's ``Retry-After`` in seconds (capped at 60), if it has a usable one."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return min(max(float(value), 0.0), 60.0)
-    except ValueError:
-        return None
 
 
 _FINAL_ERRORS = (
@@ -280,15 +281,16 @@ class APIFuture(abc.ABC, Generic[T]):
             return self._outcome()
         if timeout is None:
             return await self._wait()
-        try:
-            with anyio.fail_after(timeout):
-                return await self._wait()
-        except TimeoutError:
-            if self._has_outcome:
-                return self._outcome()
-            raise errors.OperationTimeoutError(
-                f"{self._describe() or 'request'} not done after {timeout} s"
-            ) from None
+        # Only our own deadline becomes "not done after": an OperationTimeoutError (or any
+        # TimeoutError) raised inside, e.g. by a policy-version wait, keeps its message and cause.
+        with anyio.move_on_after(timeout) as scope:
+            return await self._wait()
+        if self._has_outcome:
+            return self._outcome()
+        assert scope.cancelled_caught
+        raise errors.OperationTimeoutError(
+            f"{self._describe() or 'request'} not done after {timeout} s"
+        )
 
     def result(self, timeout: float | None = None) -> T:
         """Block until the result is here and return it (raise the operation's error).

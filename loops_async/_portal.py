@@ -8,6 +8,7 @@ so the sync and async APIs share one implementation.
   :class:`~loops_async.errors.SyncInAsyncContextError` naming the ``*_async`` twin.
 - ``KeyboardInterrupt`` (or any exception) while a sync call waits cancels the coroutine on the
   portal before it propagates.
+- A portal whose loop died is replaced on next use.
 - After ``os.fork()`` the child starts its own portal on first use; it never touches the
   parent's thread or sockets.
 - The thread is a daemon and is stopped by an ``atexit`` hook with a bounded join, so it never
@@ -19,6 +20,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import functools
+import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable
@@ -29,10 +31,12 @@ import anyio.abc
 import anyio.lowlevel
 from anyio.from_thread import BlockingPortal
 
-from ._loop import wake_soon
+from ._loop import running_loop
 from .errors import SyncInAsyncContextError
 
-__all__ = ["ensure_sync_context", "get_portal", "run", "shutdown", "spawn"]
+__all__ = ["ensure_sync_context", "get_portal", "run", "shutdown"]
+
+log = logging.getLogger("loops_async")
 
 T = TypeVar("T")
 
@@ -40,33 +44,44 @@ _STOP_TIMEOUT = 5.0
 
 
 class _PortalThread:
-    task_group: anyio.abc.TaskGroup
-    """Hosts background tasks started from the portal's own thread."""
+    hosts: anyio.abc.TaskGroup
+    """Hosts the per-client background task groups (see :mod:`loops_async._background`); each
+    host catches its children's failures, so nothing can kill this group or the portal."""
     token: anyio.lowlevel.EventLoopToken
 
     def __init__(self) -> None:
         self.ready: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+        self.finished = threading.Event()
         self.thread = threading.Thread(target=self._main, name="loops-async-portal", daemon=True)
         self.thread.start()
         self.portal = self.ready.result()
 
     def _main(self) -> None:
         async def serve() -> None:
-            async with BlockingPortal() as portal, anyio.create_task_group() as group:
-                self.task_group = group
+            async with BlockingPortal() as portal, anyio.create_task_group() as hosts:
+                self.hosts = hosts
                 self.token = anyio.lowlevel.current_token()
                 self.ready.set_result(portal)
                 await portal.sleep_until_stopped()
-                group.cancel_scope.cancel()
+                hosts.cancel_scope.cancel()
 
         try:
             anyio.run(serve)
-        except BaseException as exc:  # pragma: no cover - reported to the starter
+        except BaseException as exc:  # pragma: no cover - reported to the starter, or logged
             if not self.ready.done():
                 self.ready.set_exception(exc)
+            else:
+                log.error("the loops_async portal thread stopped", exc_info=True)
+        finally:
+            self.finished.set()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the loop still runs (a portal whose loop ended is replaced on next use)."""
+        return not self.finished.is_set() and self.thread.is_alive()
 
     def stop(self) -> None:
-        if self.thread.is_alive():
+        if self.alive:
             try:
                 self.portal.call(self.portal.stop, True)
             except Exception:  # pragma: no cover - the loop already went away
@@ -78,16 +93,23 @@ _lock = threading.Lock()
 _current: _PortalThread | None = None
 
 
-def get_portal() -> BlockingPortal:
-    """The process-wide portal, started on first use."""
+def _portal_thread() -> _PortalThread:
+    """The running portal thread, started (or replaced, if its loop died) on demand."""
     global _current
     current = _current
-    if current is not None:
-        return current.portal
+    if current is not None and current.alive:
+        return current
     with _lock:
-        if _current is None:
+        if _current is None or not _current.alive:
+            if _current is not None:
+                log.warning("the loops_async portal thread had stopped; starting a new one")
             _current = _PortalThread()
-        return _current.portal
+        return _current
+
+
+def get_portal() -> BlockingPortal:
+    """The process-wide portal, started on first use and replaced if its loop has died."""
+    return _portal_thread().portal
 
 
 def shutdown() -> None:
@@ -112,9 +134,7 @@ if hasattr(os, "register_at_fork"):
 
 def ensure_sync_context(twin: str) -> None:
     """Raise :class:`SyncInAsyncContextError` when called inside a running event loop."""
-    try:
-        anyio.lowlevel.current_token()
-    except anyio.NoEventLoopError:
+    if running_loop() is None:
         return
     raise SyncInAsyncContextError(
         f"this is the blocking API and an event loop is running in this thread; "
@@ -137,29 +157,3 @@ def run(func: Callable[..., Awaitable[T]], *args: Any, twin: str, **kwargs: Any)
         # KeyboardInterrupt (or anything else) while waiting: cancel the coroutine too.
         future.cancel()
         raise
-
-
-def spawn(func: Callable[..., Awaitable[Any]], *args: Any) -> Callable[[], None]:
-    """Start ``func(*args)`` as a background task on the portal's loop, from any thread
-    (the portal's own included). Returns a thread-safe, non-blocking canceller."""
-    get_portal()
-    current = _current
-    assert current is not None
-    if threading.current_thread() is current.thread:
-        scope = anyio.CancelScope()
-        current.task_group.start_soon(_run_scoped, scope, func, *args)
-        token = current.token
-        return lambda: wake_soon(token, scope.cancel)
-    future = current.portal.start_task_soon(func, *args)
-
-    def cancel() -> None:
-        future.cancel()
-
-    return cancel
-
-
-async def _run_scoped(
-    scope: anyio.CancelScope, func: Callable[..., Awaitable[Any]], *args: Any
-) -> None:
-    with scope:
-        await func(*args)

@@ -28,8 +28,11 @@ Every exception the library raises on purpose derives from :class:`LoopsError`::
     │   ├── RateLimitError              429
     │   └── InternalServerError         5xx
     │       └── ServerShutdownError     503: the server is shutting down
-    └── RemoteOpError              the operation ran on the server and failed
-                                   (``message``, ``error_class``, ``operation_id``)
+    ├── RemoteOpError              the operation ran on the server and failed
+    │                              (``message``, ``error_class``, ``operation_id``)
+    └── PartialSubmitError         a batch split into several operations was rejected part-way:
+                                   ``accepted`` holds the futures of the chunks that will run,
+                                   ``__cause__`` the rejection
 
 HTTP errors are mapped to these classes at one boundary (the transport); ``httpx`` exceptions
 never escape. Cancellation (``asyncio.CancelledError``, trio's ``Cancelled``) and
@@ -37,6 +40,8 @@ never escape. Cancellation (``asyncio.CancelledError``, trio's ``Cancelled``) an
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 __all__ = [
     "APIStatusError",
@@ -50,6 +55,7 @@ __all__ = [
     "LoopsError",
     "NotFoundError",
     "OperationTimeoutError",
+    "PartialSubmitError",
     "PermissionDeniedError",
     "ProtocolError",
     "RateLimitError",
@@ -214,3 +220,31 @@ class RemoteOpError(LoopsError):
         self.message = message
         self.error_class = error_class
         self.operation_id = operation_id
+
+
+class PartialSubmitError(LoopsError):
+    """A ``forward`` / ``forward_backward`` batch too big for one request was split into several
+    operations, and the server rejected one of them after it had accepted others.
+
+    The accepted chunks run (their gradients accumulate before the next ``optim_step``); the
+    rejected and unsent ones do not. The rejection itself is ``__cause__``.
+
+    Attributes:
+        accepted: the futures of the accepted chunks, in batch order (await them to see their
+            losses, or to know they finished).
+        accepted_ranges: ``(start, end)`` datum index ranges of ``data`` those chunks cover.
+        rejected_ranges: the ranges that will not run (the rejected chunk and any never sent).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        accepted: list[Any],
+        accepted_ranges: list[tuple[int, int]],
+        rejected_ranges: list[tuple[int, int]],
+    ) -> None:
+        super().__init__(message)
+        self.accepted = accepted
+        self.accepted_ranges = accepted_ranges
+        self.rejected_ranges = rejected_ranges

@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import anyio
-import msgspec
 
 from . import _portal, _validate, errors
 from ._codec import decoder_for, encode
-from ._http import POLL_READ_TIMEOUT, Backoff, Transport, error_for_response
-from ._operation import TRANSIENT_RETRY_DELAY, accepted_operation_id, retry_after
-from ._wire import OpEnvelope, PromptLogprob, SampleAnswer, SampleChoice, SampleRequest
+from ._http import SAMPLE, SAMPLER_POLL, Lane, Transport
+from ._operation import accepted_operation_id, decode_body, idempotency_headers, poll_operation
+from ._wire import PromptLogprob, SampleAnswer, SampleChoice, SampleRequest
 from .types import (
     EncodedTextChunk,
     ModelInput,
@@ -34,15 +33,6 @@ log = logging.getLogger("loops_async")
 
 MAX_TOP_K_PROMPT_LOGPROBS = 20
 POLICY_VERSION_HEADER = "x-trainers-policy-version"
-_RETRY_STATUSES = frozenset({408, 429, 502, 504})
-
-
-def _answer(content: bytes) -> SampleAnswer:
-    try:
-        answer: SampleAnswer = decoder_for(SampleAnswer).decode(content)
-    except msgspec.DecodeError as exc:
-        raise errors.ProtocolError(f"undecodable sample answer: {exc}") from exc
-    return answer
 
 
 def _policy_version(response: Any) -> int | None:
@@ -280,84 +270,53 @@ class SamplingClient:
         return encode(request), tokens
 
     async def _post(self, body: bytes) -> tuple[SampleAnswer, int | None]:
-        url = f"{self._base_url}/sample"
-        headers = {**self._headers, "Idempotency-Key": uuid.uuid4().hex}
-        backoff = Backoff(self._ready_timeout, base=0.05, cap=2.0)
-        while True:
-            failure: errors.LoopsError
-            try:
-                response = await self._transport.request(
-                    "POST", url, content=body, headers=headers, timeout=self._sample_timeout
-                )
-            except errors.ReadTimeoutError as exc:
-                raise errors.SampleTimeoutError(
-                    f"no answer from {url} within {self._sample_timeout:g} s"
-                ) from exc
-            except errors.TransportError as exc:
-                failure = exc
-            else:
-                status = response.status_code
-                if status == 200:
-                    return _answer(response.content), _policy_version(response)
-                if status == 202:  # a shared sampler: the operation protocol (PROTOCOL §2, §6)
-                    return await self._retrieve(accepted_operation_id(response))
-                failure = error_for_response(response)
-                if status not in _RETRY_STATUSES:
-                    raise failure
-            if not await backoff.wait():
-                raise failure
+        """``POST {sampler}/sample`` under :data:`~loops_async._http.SAMPLE` (one
+        ``Idempotency-Key`` for every retry); a 202 (shared sampler) is long-polled."""
+        headers = idempotency_headers(self._headers)
+        response = await self._transport.send(
+            "POST",
+            f"{self._base_url}/sample",
+            SAMPLE,
+            window=self._ready_timeout,
+            content=body,
+            headers=headers,
+            timeout=self._sample_timeout,
+        )
+        if response.status_code == 202:  # a shared sampler: the operation protocol (§2, §6)
+            return await self._retrieve(accepted_operation_id(response))
+        answer: SampleAnswer = decode_body(decoder_for(SampleAnswer), response, "sample")
+        return answer, _policy_version(response)
 
     async def _retrieve(self, operation_id: str) -> tuple[SampleAnswer, int | None]:
         """Long-poll a shared sampler's operation; a caller that gives up (cancelled, timed
         out, failed) cancels the operation on the sampler, best effort."""
         url = f"{self._base_url}/operations/{quote(operation_id, safe='')}"
         try:
-            return await self._poll(url, operation_id)
+            answer, response = await poll_operation(
+                self._transport,
+                url,
+                operation_id,
+                SampleAnswer,
+                table=SAMPLER_POLL,
+                headers=self._headers,
+                window=self._ready_timeout,
+            )
         except (errors.RemoteOpError, errors.UnknownRequestError, errors.ProtocolError):
             raise  # the operation is over: nothing to cancel
         except BaseException:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                 try:
                     await self._transport.request(
-                        "POST", f"{url}/cancel", headers=self._headers, content=b"{}"
+                        "POST",
+                        f"{url}/cancel",
+                        lane=Lane.SAMPLING,
+                        headers=self._headers,
+                        content=b"{}",
                     )
                 except Exception:  # best effort: never mask why we gave up
                     log.debug("could not cancel sampling operation %s", operation_id)
             raise
-
-    async def _poll(self, url: str, operation_id: str) -> tuple[SampleAnswer, int | None]:
-        """``GET {sampler}/operations/<id>`` until done: 408 re-polls at once; 503 (honouring
-        ``Retry-After``), 502 and 504 re-poll after a pause."""
-        decoder = decoder_for(OpEnvelope[SampleAnswer])
-        while True:
-            try:
-                response = await self._transport.request(
-                    "GET", url, headers=self._headers, timeout=POLL_READ_TIMEOUT
-                )
-            except errors.ReadTimeoutError:
-                continue
-            status = response.status_code
-            if status in (502, 503, 504):
-                await anyio.sleep(retry_after(response) or TRANSIENT_RETRY_DELAY)
-                continue
-            if status == 404:
-                raise error_for_response(response, errors.UnknownRequestError)
-            if status != 200:
-                if status == 408:
-                    continue
-                raise error_for_response(response)
-            try:
-                envelope: OpEnvelope[SampleAnswer] = decoder.decode(response.content)
-            except msgspec.DecodeError as exc:
-                raise errors.ProtocolError(f"undecodable sample result: {exc}") from exc
-            if envelope.status == "error":
-                raise errors.RemoteOpError(
-                    envelope.error or "sampling failed",
-                    error_class=envelope.error_class,
-                    operation_id=operation_id,
-                )
-            if envelope.status == "done" and envelope.result is not None:
-                return envelope.result, _policy_version(response)
+        return answer, _policy_version(response)
 
     async def sample_async(
         self,

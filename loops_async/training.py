@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,7 +14,7 @@ import anyio.to_thread
 import msgspec
 
 from . import _portal, _validate, errors
-from ._chunking import MAX_REQUEST_BYTES, MergedForwardFuture, encode_datums, split
+from ._chunking import MergedForwardFuture, encode_datums, split
 from ._codec import encode
 from ._custom import REPLAY_CONFIG, CustomLossFn, custom_weights, replay_data
 from ._custom import finish as finish_custom
@@ -46,8 +47,9 @@ from .types import (
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from ._background import TaskHandle
+    from ._control import Control
     from .sampling import SamplingClient
-    from .service import ServiceClient, _BackgroundTask
 
 __all__ = ["TrainingClient"]
 
@@ -71,24 +73,27 @@ class TrainingClient:
     def __init__(
         self,
         *,
-        service: ServiceClient,
+        control: Control,
         endpoint: Endpoint,
         run_id: str,
         base_model: str,
         lora_rank: int,
-        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
-        self._service = service
-        self._max_request_bytes = max_request_bytes
+        self._control = control
+        self._max_request_bytes = control.settings.max_request_bytes
         self._endpoint = endpoint
         self._run_id = run_id
         self._base_model = base_model
         self._lora_rank = lora_rank
         self._gate = ThreadSafeGate(first=1)
+        self._state_lock = threading.Lock()
         self._policy_version = 0
         self._last_published_version = 0
+        self._last_publish: OperationFuture[SaveWeightsForSamplerResponse] | None = None
+        self._steps_since_reset = 0
+        self._resets = 0
         self._closed = False
-        self._heartbeat: _BackgroundTask | None = None
+        self._heartbeat: TaskHandle | None = None
 
     def __repr__(self) -> str:
         return (
@@ -115,8 +120,10 @@ class TrainingClient:
 
     @property
     def policy_version(self) -> int:
-        """The number of ``optim_step`` calls the trainer has applied, as last reported to this
-        client (by ``optim_step``, ``load_state*`` or ``init_trainer_server`` results)."""
+        """The trainer's step (number of ``optim_step`` calls applied since init or load) once
+        every operation submitted so far has run: it advances when an ``optim_step`` is
+        accepted, not when its result is read (``load_state_with_optimizer`` sets it when its
+        result is read, since only the checkpoint knows its step)."""
         return self._policy_version
 
     # ------------------------------------------------------------------ plumbing
@@ -142,15 +149,22 @@ class TrainingClient:
         body: bytes,
         result_type: type[T],
         transform: Callable[[T], T] | None,
+        accepted: Callable[[OperationFuture[T]], None] | None = None,
     ) -> OperationFuture[T]:
         try:
             await self._gate.wait_turn(seq)
             operation_id = await self._endpoint.submit(op, body)
+            future = OperationFuture(
+                operation_id,
+                endpoint=self._endpoint,
+                result_type=result_type,
+                transform=transform,
+            )
+            if accepted is not None:
+                accepted(future)  # in seq order: before the next seq may go
         finally:
             self._gate.release(seq)
-        return OperationFuture(
-            operation_id, endpoint=self._endpoint, result_type=result_type, transform=transform
-        )
+        return future
 
     def _call(
         self,
@@ -159,11 +173,14 @@ class TrainingClient:
         build: Callable[[int], OpRequest],
         result_type: type[T],
         transform: Callable[[T], T] | None = None,
+        accepted: Callable[[OperationFuture[T]], None] | None = None,
     ) -> OperationFuture[T]:
         _portal.ensure_sync_context(twin)
         seq, body = self._prepare(build)
         try:
-            return _portal.run(self._submit, op, seq, body, result_type, transform, twin=twin)
+            return _portal.run(
+                self._submit, op, seq, body, result_type, transform, accepted, twin=twin
+            )
         except BaseException:
             self._gate.release(seq)  # idempotent; covers a call that never started
             raise
@@ -174,9 +191,10 @@ class TrainingClient:
         build: Callable[[int], OpRequest],
         result_type: type[T],
         transform: Callable[[T], T] | None = None,
+        accepted: Callable[[OperationFuture[T]], None] | None = None,
     ) -> OperationFuture[T]:
         seq, body = self._prepare(build)
-        return await self._submit(op, seq, body, result_type, transform)
+        return await self._submit(op, seq, body, result_type, transform, accepted)
 
     def _prepare_plan(self, plan: _ForwardPlan) -> tuple[int, list[bytes]]:
         """Reserve one ``seq_id`` per chunk (contiguous, in the caller's thread) and encode."""
@@ -197,25 +215,42 @@ class TrainingClient:
     ) -> APIFuture[ForwardBackwardOutput]:
         if len(bodies) == 1:
             return await self._submit(op, first, bodies[0], ForwardBackwardOutput, None)
-        futures: list[APIFuture[ForwardBackwardOutput]] = []
+        futures: list[APIFuture[ForwardBackwardOutput] | None] = [None] * len(bodies)
+
+        rejected = False
 
         async def submit_chunk(index: int) -> None:
-            futures[index] = await self._submit(
-                op, first + index, bodies[index], ForwardBackwardOutput, None
-            )
+            nonlocal rejected
+            seq = first + index
+            try:
+                await self._gate.wait_turn(seq)
+                if rejected:
+                    return  # an earlier chunk was rejected: send none after it
+                operation_id = await self._endpoint.submit(op, bodies[index])
+                futures[index] = OperationFuture(
+                    operation_id, endpoint=self._endpoint, result_type=ForwardBackwardOutput
+                )
+            except Exception:
+                rejected = True  # before the gate lets the next chunk go
+                raise
+            finally:
+                self._gate.release(seq)
 
-        futures.extend(_PENDING for _ in bodies)
         try:
             async with anyio.create_task_group() as group:
                 for index in range(len(bodies)):
                     group.start_soon(submit_chunk, index)
-        except BaseExceptionGroup as failure:
-            raise _innermost(failure) from None
+        except BaseExceptionGroup as group_failure:
+            failure = _innermost(group_failure)
+            if any(f is not None for f in futures) and isinstance(failure, Exception):
+                raise _partial(failure, futures, plan.chunks) from failure
+            raise failure from None
         finally:
             # Chunks that never started (the caller was cancelled, a sibling failed) must not
             # strand the ordering gate: release the whole reserved range.
             self._release_range(first, len(bodies))
-        return MergedForwardFuture(futures, plan.counts)
+        done = cast("list[APIFuture[ForwardBackwardOutput]]", futures)
+        return MergedForwardFuture(done, plan.counts)
 
     def _call_plan(
         self, twin: str, op: str, plan: _ForwardPlan
@@ -237,33 +272,68 @@ class TrainingClient:
     def _op_fields(self, seq: int) -> dict[str, Any]:
         return {"seq_id": seq, "run_id": self._run_id, "model": self._base_model}
 
-    # ------------------------------------------------------------------ result hooks
+    # ------------------------------------------------------------------ state hooks
+    # ``_accepted_*`` run when the server accepts an operation, in seq order (the trainer runs
+    # them in that order too), so the client's view of the run advances with what was
+    # submitted, whether or not anyone reads the results. ``_after_*`` reconcile it with what
+    # a result reports.
+
+    def _accepted_init(self, future: OperationFuture[InitTrainerServerResponse]) -> None:
+        with self._state_lock:
+            self._policy_version = self._steps_since_reset = 0
+            self._resets += 1
 
     def _after_init(self, result: InitTrainerServerResponse) -> InitTrainerServerResponse:
         self._lora_rank = result.lora_rank
-        self._policy_version = result.step
         return result
 
-    def _after_optim(self, result: OptimStepResponse) -> OptimStepResponse:
-        step = (result.metrics or {}).get("step")
-        if step is not None:
-            self._policy_version = max(self._policy_version, int(step))
-        return result
+    def _accepted_optim(self, future: OperationFuture[OptimStepResponse]) -> None:
+        with self._state_lock:
+            self._policy_version += 1
+            self._steps_since_reset += 1
+
+    def _accepted_publish(self, future: OperationFuture[SaveWeightsForSamplerResponse]) -> None:
+        # The trainer publishes at its step when the op runs: the version accepted so far.
+        with self._state_lock:
+            self._last_published_version = max(
+                self._last_published_version, self._policy_version
+            )
+            self._last_publish = future
 
     def _after_publish(
         self, result: SaveWeightsForSamplerResponse
     ) -> SaveWeightsForSamplerResponse:
         if result.version is not None:
-            self._last_published_version = max(self._last_published_version, result.version)
+            with self._state_lock:
+                self._last_published_version = max(self._last_published_version, result.version)
         return result
 
-    def _after_load(self, path: str) -> Callable[[LoadWeightsResponse], LoadWeightsResponse]:
-        def hook(result: LoadWeightsResponse) -> LoadWeightsResponse:
+    def _load_hooks(
+        self, path: str
+    ) -> tuple[
+        Callable[[LoadWeightsResponse], LoadWeightsResponse],
+        Callable[[OperationFuture[LoadWeightsResponse]], None],
+    ]:
+        """A load resets the step (to 0, or to the checkpoint's step with the optimizer, which
+        only its result tells): when it is read, the step is that plus the optim steps accepted
+        after the load, if no later load or init came."""
+        reset = 0
+
+        def accepted(future: OperationFuture[LoadWeightsResponse]) -> None:
+            nonlocal reset
+            with self._state_lock:
+                self._policy_version = self._steps_since_reset = 0
+                self._resets += 1
+                reset = self._resets
+
+        def after(result: LoadWeightsResponse) -> LoadWeightsResponse:
             if result.step is not None:
-                self._policy_version = result.step
+                with self._state_lock:
+                    if reset == self._resets:
+                        self._policy_version = result.step + self._steps_since_reset
             return msgspec.structs.replace(result, path=result.path or path)
 
-        return hook
+        return after, accepted
 
     # ------------------------------------------------------------------ request builders
 
@@ -328,6 +398,7 @@ class TrainingClient:
             self._init_builder(lora_rank),
             InitTrainerServerResponse,
             self._after_init,
+            self._accepted_init,
         )
 
     async def init_trainer_server_async(
@@ -339,6 +410,7 @@ class TrainingClient:
             self._init_builder(lora_rank),
             InitTrainerServerResponse,
             self._after_init,
+            self._accepted_init,
         )
 
     def forward_backward(
@@ -460,13 +532,18 @@ class TrainingClient:
             "optim_step",
             self._optim_builder(adam_params),
             OptimStepResponse,
-            self._after_optim,
+            None,
+            self._accepted_optim,
         )
 
     async def optim_step_async(self, adam_params: AdamParams) -> OperationFuture[OptimStepResponse]:
         """Async twin of :meth:`optim_step`."""
         return await self._call_async(
-            "optim_step", self._optim_builder(adam_params), OptimStepResponse, self._after_optim
+            "optim_step",
+            self._optim_builder(adam_params),
+            OptimStepResponse,
+            None,
+            self._accepted_optim,
         )
 
     def save_state(
@@ -507,6 +584,7 @@ class TrainingClient:
             self._publish_builder(name, ttl_seconds, bump_version),
             SaveWeightsForSamplerResponse,
             self._after_publish if bump_version else None,
+            self._accepted_publish if bump_version else None,
         )
 
     async def save_weights_for_sampler_async(
@@ -518,6 +596,7 @@ class TrainingClient:
             self._publish_builder(name, ttl_seconds, bump_version),
             SaveWeightsForSamplerResponse,
             self._after_publish if bump_version else None,
+            self._accepted_publish if bump_version else None,
         )
 
     def load_state(self, path: str) -> OperationFuture[LoadWeightsResponse]:
@@ -528,13 +607,16 @@ class TrainingClient:
             "load_state",
             self._load_builder(path),
             LoadWeightsResponse,
-            self._after_load(path),
+            *self._load_hooks(path),
         )
 
     async def load_state_async(self, path: str) -> OperationFuture[LoadWeightsResponse]:
         """Async twin of :meth:`load_state`."""
         return await self._call_async(
-            "load_state", self._load_builder(path), LoadWeightsResponse, self._after_load(path)
+            "load_state",
+            self._load_builder(path),
+            LoadWeightsResponse,
+            *self._load_hooks(path),
         )
 
     def load_state_with_optimizer(self, path: str) -> OperationFuture[LoadWeightsResponse]:
@@ -545,7 +627,7 @@ class TrainingClient:
             "load_state_with_optimizer",
             self._load_builder(path),
             LoadWeightsResponse,
-            self._after_load(path),
+            *self._load_hooks(path),
         )
 
     async def load_state_with_optimizer_async(
@@ -556,7 +638,7 @@ class TrainingClient:
             "load_state_with_optimizer",
             self._load_builder(path),
             LoadWeightsResponse,
-            self._after_load(path),
+            *self._load_hooks(path),
         )
 
     # ------------------------------------------------------------------ sampling
@@ -564,16 +646,16 @@ class TrainingClient:
     async def _sampler_at_version(self, published: SaveWeightsForSamplerResponse) -> SamplingClient:
         """Wait until the paired sampler serves ``published.version``; a client pinned there."""
         version = published.version or 0
-        sampler = await self._service._paired_sampler(self._run_id)
+        sampler = await self._control.paired_sampler(self._run_id)
         headers = {"X-Run-Id": self._run_id}
         if sampler.model_id is None:  # shared: pinned to the published path, nothing to wait for
-            return self._service._sampling_client(
+            return self._control.sampling_client(
                 sampler, self._base_model, headers, pin=published.path
             )
         if version > 0:
-            await self._service._wait_policy_version(sampler, self._run_id, version)
+            await self._control.wait_policy_version(sampler, self._run_id, version)
             headers["X-Min-Policy-Version"] = str(version)
-        return self._service._sampling_client(sampler, self._base_model, headers)
+        return self._control.sampling_client(sampler, self._base_model, headers)
 
     def _publish_name(self, name: str | None) -> str:
         return f"policy-{uuid.uuid4().hex[:12]}" if name is None else name
@@ -605,13 +687,18 @@ class TrainingClient:
         """Async twin of :meth:`create_sampling_client`."""
         self._check_open()
         path = _validate.check_checkpoint_path(model_path, "model_path")
-        sampler = await self._service._paired_sampler(self._run_id)
+        last = self._last_publish
+        if last is not None and not last.done():
+            # Its version is predicted at acceptance; the result is exact (e.g. after a
+            # load_state_with_optimizer whose step only the checkpoint knows).
+            await last.result_async()
+        sampler = await self._control.paired_sampler(self._run_id)
         headers = {
             "X-Run-Id": self._run_id,
             "X-Checkpoint-Path": path,
             "X-Min-Policy-Version": str(self._last_published_version + 1),
         }
-        return self._service._sampling_client(sampler, self._base_model, headers, pin=path)
+        return self._control.sampling_client(sampler, self._base_model, headers, pin=path)
 
     def create_sampling_client(self, model_path: str) -> SamplingClient:
         """A client of this run's sampler that serves checkpoint ``model_path`` until the run
@@ -625,7 +712,8 @@ class TrainingClient:
 
     async def list_checkpoints_async(self) -> list[Checkpoint]:
         """Async twin of :meth:`list_checkpoints`."""
-        return await self._service.list_checkpoints_async(self._run_id)
+        self._check_open()
+        return await self._control.list_checkpoints(self._run_id)
 
     def list_checkpoints(self) -> list[Checkpoint]:
         """The checkpoints this run has saved (``save_state`` and sampler ones)."""
@@ -633,7 +721,9 @@ class TrainingClient:
 
     async def get_checkpoint_archive_url_async(self, path: str) -> CheckpointArchive:
         """Async twin of :meth:`get_checkpoint_archive_url`."""
-        return await self._service.get_checkpoint_archive_url_async(path)
+        self._check_open()
+        _validate.check_checkpoint_path(path)
+        return await self._control.checkpoint_archive(path)
 
     def get_checkpoint_archive_url(self, path: str) -> CheckpointArchive:
         """The download URLs of every file of checkpoint ``path``."""
@@ -643,7 +733,9 @@ class TrainingClient:
 
     async def download_checkpoint_async(self, path: str, destination: str | Path) -> Path:
         """Async twin of :meth:`download_checkpoint`."""
-        return await self._service.download_checkpoint_async(path, destination)
+        self._check_open()
+        _validate.check_checkpoint_path(path)
+        return await self._control.download_checkpoint(path, destination)
 
     def download_checkpoint(self, path: str, destination: str | Path) -> Path:
         """Download checkpoint ``path`` into the new directory ``destination``; returns it."""
@@ -657,7 +749,7 @@ class TrainingClient:
         """Whether the trainer answers ``GET /health`` with 200."""
         self._check_open()
         try:
-            response = await self._endpoint.get(
+            response = await self._endpoint.probe(
                 "health", params={"base_model": self._base_model}, timeout=30.0
             )
         except errors.TransportError:
@@ -688,18 +780,22 @@ class TrainingClient:
     # ------------------------------------------------------------------ heartbeat & lifetime
 
     async def _heartbeat_loop(self, interval: float) -> None:
-        while True:
+        while not self._closed:
             await anyio.sleep(interval)
-            if not await self.health_async():
+            if not self._closed and not await self.health_async():
                 log.warning("trainer %s did not answer its heartbeat", self._run_id)
 
     def _start_heartbeat(self, interval: float) -> None:
         if interval > 0:
-            self._heartbeat = self._service._spawn_background(self._heartbeat_loop, interval)
+            self._heartbeat = self._control.background.spawn(
+                self._heartbeat_loop, interval, name=f"heartbeat of run {self._run_id}"
+            )
 
-    def _mark_closed(self) -> _BackgroundTask | None:
+    def _mark_closed(self) -> TaskHandle | None:
         self._closed = True
         task, self._heartbeat = self._heartbeat, None
+        if task is not None:
+            task.cancel()
         return task
 
     async def aclose(self) -> None:
@@ -707,15 +803,11 @@ class TrainingClient:
 
         The HTTP connections belong to the :class:`ServiceClient` and stay open for it.
         """
-        task = self._mark_closed()
-        if task is not None:
-            task.cancel()
+        self._mark_closed()
 
     def close(self) -> None:
         """Blocking twin of :meth:`aclose`."""
-        task = self._mark_closed()
-        if task is not None:
-            task.cancel()
+        self._mark_closed()
 
     def __enter__(self) -> TrainingClient:
         return self
@@ -730,14 +822,24 @@ class TrainingClient:
         await self.aclose()
 
 
-class _Pending(APIFuture[ForwardBackwardOutput]):
-    """Placeholder in a chunk list until that chunk's submit returns (never awaited)."""
-
-    async def _fetch(self) -> ForwardBackwardOutput:  # pragma: no cover - never awaited
-        raise errors.ProtocolError("a chunk of this batch was never submitted")
-
-
-_PENDING = _Pending()
+def _partial(
+    failure: Exception,
+    futures: list[APIFuture[ForwardBackwardOutput] | None],
+    chunks: list[tuple[int, int]],
+) -> errors.PartialSubmitError:
+    """The error for a split batch rejected after some chunks were accepted."""
+    accepted = [(f, chunk) for f, chunk in zip(futures, chunks, strict=True) if f is not None]
+    rejected = [chunk for f, chunk in zip(futures, chunks, strict=True) if f is None]
+    ranges = ", ".join(f"{start}..{end - 1}" for start, end in rejected)
+    return errors.PartialSubmitError(
+        f"{len(accepted)} of {len(chunks)} chunks of this batch were accepted and will run; "
+        f"datums {ranges} were not ({type(failure).__name__}: {failure}). "
+        "Resubmit error.rejected_ranges, or discard the accumulated gradient by reloading a "
+        "checkpoint, before the next optim_step",
+        accepted=[f for f, _ in accepted],
+        accepted_ranges=[chunk for _, chunk in accepted],
+        rejected_ranges=rejected,
+    )
 
 
 def _innermost(group: BaseExceptionGroup[BaseException]) -> BaseException:

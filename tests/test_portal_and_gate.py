@@ -109,10 +109,11 @@ def test_interpreter_exit_does_not_hang_with_work_in_flight() -> None:
     script = textwrap.dedent(
         """
         import anyio
-        from loops_async import _portal
+        from loops_async._background import BackgroundTasks
         from loops_async.service import ServiceClient
 
-        _portal.spawn(anyio.sleep_forever)        # a task that never ends on its own
+        tasks = BackgroundTasks("test")
+        tasks.spawn(anyio.sleep_forever, name="forever")   # never ends on its own
         ServiceClient("http://127.0.0.1:9")        # a client that is never closed
         print("bye", flush=True)
         """

@@ -310,9 +310,9 @@ async def test_unreachable_server_fails_fast(
     anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A wrong port is a ConnectError after a short retry window, not a 10-minute hang."""
-    import loops_async.service
+    import loops_async._control
 
-    monkeypatch.setattr(loops_async.service, "CONTROL_PLANE_RETRY_WINDOW", 0.5)
+    monkeypatch.setattr(loops_async._control, "CONTROL_PLANE_RETRY_WINDOW", 0.5)
     async with ServiceClient("http://127.0.0.1:9", heartbeat_interval=0) as service:
         with anyio.fail_after(10), pytest.raises(E.ConnectError, match=r"127\.0\.0\.1:9"):
             await service.create_lora_training_client_async("m")
