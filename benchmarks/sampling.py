@@ -43,8 +43,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(port: int) -> subprocess.Popen[bytes]:
+def start_server(port: int, **settings: str) -> subprocess.Popen[bytes]:
+    """``loops-async serve --backend null`` in its own process; ``settings`` become
+    ``LOOPS_ASYNC_<NAME>`` variables."""
     env = {**os.environ, "LOOPS_ASYNC_LOG_LEVEL": "warning"}
+    env.update({f"LOOPS_ASYNC_{name.upper()}": value for name, value in settings.items()})
     cmd = [sys.executable, "-m", "loops_async", "serve", "--backend", "null", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60

@@ -249,7 +249,9 @@ class BackgroundTasks:
                     with self._lock:
                         self._failed += 1
                     log.warning(
-                        "background task %s of %s failed", handle.name, self._owner_name,
+                        "background task %s of %s failed",
+                        handle.name,
+                        self._owner_name,
                         exc_info=True,
                     )
         finally:

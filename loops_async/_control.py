@@ -206,8 +206,7 @@ class Control:
                 await self._check_deployment(run.deployment_id)
             if not await backoff.wait():
                 raise errors.OperationTimeoutError(
-                    f"trainer for run {run.id} not ready after "
-                    f"{self.settings.ready_timeout:g} s"
+                    f"trainer for run {run.id} not ready after {self.settings.ready_timeout:g} s"
                 )
 
     async def _check_deployment(self, deployment_id: str) -> None:

@@ -194,9 +194,10 @@ class _OneShotBody(httpx.AsyncByteStream):
 
 
 class Lane(enum.Enum):
-    """Which connection pool (and in-flight limit) a request uses. Samples (up to
-    ``sample_timeout`` each, thousands at once) never queue ahead of a trainer submit, a
-    long-poll, a heartbeat or a control-plane call."""
+    """Which in-flight limit a request queues for. Samples (up to ``sample_timeout`` each,
+    thousands at once) never queue ahead of a trainer submit, a long-poll, a heartbeat or a
+    control-plane call: each lane has its own limit, and the loop's connection pool holds both
+    lanes' requests at once."""
 
     CONTROL = "control"
     """Trainer operations (submits, long-polls, health) and the control plane."""
@@ -291,9 +292,7 @@ CONTROL_READ = RouteTable(
 """Control-plane GETs (and other idempotent reads)."""
 CONTROL_WRITE = RouteTable("control write", Lane.CONTROL, success=_2XX, retry_transport=False)
 """Control-plane POSTs: only a connection that never reached the server is retried."""
-PROBE = RouteTable(
-    "probe", Lane.CONTROL, success=frozenset(range(100, 600)), retry_transport=False
-)
+PROBE = RouteTable("probe", Lane.CONTROL, success=frozenset(range(100, 600)), retry_transport=False)
 """One attempt whose every status goes back to the caller (health, readiness and version
 probes, whose own loops decide)."""
 
@@ -311,6 +310,10 @@ class _LoopClients:
     backend: Any
     native: weakref.ref[object]
     lanes: dict[Lane, _LaneClient]
+
+    def clients(self) -> list[httpx.AsyncClient]:
+        """The distinct HTTP clients of this loop's lanes."""
+        return list({id(lane.client): lane.client for lane in self.lanes.values()}.values())
 
     def token(self) -> anyio.lowlevel.EventLoopToken | None:
         native = self.native()
@@ -440,21 +443,28 @@ class Transport:
                 entry = self._loops[id(native)] = _LoopClients(
                     token.backend_class,
                     weakref.ref(native),
-                    {name: self._new_lane(limit) for name, limit in self._lane_limits.items()},
+                    self._new_lanes(),
                 )
         if stale:
             log.debug("dropped the HTTP clients of %d finished event loop(s)", len(stale))
         return entry.lanes[lane]
 
-    def _new_lane(self, limit: int) -> _LaneClient:
+    def _new_lanes(self) -> dict[Lane, _LaneClient]:
+        """One connection pool for the loop, sized to hold every lane's requests at once, and
+        one in-flight limiter per lane: a request never waits in the pool, so a lane waits only
+        for its own traffic, and warm connections are reused across lanes."""
+        total = sum(self._lane_limits.values())
         client = httpx.AsyncClient(
             headers=self._headers,
             timeout=self._timeout,
-            limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+            limits=httpx.Limits(max_connections=total, max_keepalive_connections=total),
             transport=self._custom_transport,
             follow_redirects=False,
         )
-        return _LaneClient(client, anyio.Semaphore(limit, fast_acquire=True))
+        return {
+            lane: _LaneClient(client, anyio.Semaphore(limit, fast_acquire=True))
+            for lane, limit in self._lane_limits.items()
+        }
 
     async def request(
         self,
@@ -591,8 +601,8 @@ class Transport:
             others: list[_LoopClients] = []
             for entry in entries:
                 if here is not None and entry.native() is here.native_token:
-                    for lane in entry.lanes.values():
-                        await lane.client.aclose()
+                    for client in entry.clients():
+                        await client.aclose()
                 else:
                     others.append(entry)
             if others:
@@ -642,9 +652,9 @@ def _close_on_their_loops(entries: list[_LoopClients], timeout: float) -> None:
         token = entry.token()
         if token is None:
             return
-        for lane in entry.lanes.values():
+        for client in entry.clients():
             try:
-                anyio.from_thread.run(lane.client.aclose, token=token)
+                anyio.from_thread.run(client.aclose, token=token)
             except anyio.RunFinishedError:
                 return  # that loop is gone
             except Exception:  # pragma: no cover - closing must not raise

@@ -48,12 +48,12 @@ class ServiceClient:
             retrying submits that fail transiently.
         heartbeat_interval: seconds between a training client's ``/health`` pings (0: off).
         sample_timeout: how long one sample request may take to answer (read timeout).
-        max_connections: the connection pool size (and the cap on requests in flight), per
-            event loop, of trainer and control-plane traffic (submits, long-polls, heartbeats);
-            more concurrent requests queue in the client, first come first served.
+        max_connections: the cap on requests in flight, per event loop, of trainer and
+            control-plane traffic (submits, long-polls, heartbeats); more concurrent requests
+            queue in the client, first come first served.
         max_sampling_connections: the same for sampling traffic, a separate lane, so that
             thousands of samples in flight never delay a trainer submit (default:
-            ``max_connections``).
+            ``max_connections``). The connection pool holds both lanes at once.
         max_request_bytes: the largest request body for one operation; bigger ``forward`` /
             ``forward_backward`` batches are split into several operations (24 MiB).
         http_transport: a custom ``httpx.AsyncBaseTransport`` (tests, proxies).

@@ -295,9 +295,7 @@ class TrainingClient:
     def _accepted_publish(self, future: OperationFuture[SaveWeightsForSamplerResponse]) -> None:
         # The trainer publishes at its step when the op runs: the version accepted so far.
         with self._state_lock:
-            self._last_published_version = max(
-                self._last_published_version, self._policy_version
-            )
+            self._last_published_version = max(self._last_published_version, self._policy_version)
             self._last_publish = future
 
     def _after_publish(

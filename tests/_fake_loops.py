@@ -134,6 +134,8 @@ class FakeLoops:
                     }
                 }
             )
+        if path == "/v1/loops/capabilities":
+            return _json({"supported_models": [{"model_name": "m", "max_context_length": 64}]})
         if path.startswith("/v1/models/"):
             return _json({"status": "ACTIVE"})
         if path.startswith("/t/"):

@@ -444,9 +444,17 @@ class EngineWorker:
     :meth:`SamplerService.worker_for`; :meth:`serve` is its task."""
 
     def __init__(
-        self, spec: ModelSpec, factory: EngineFactory, blocking_build: bool, *, max_rows: int
+        self,
+        spec: ModelSpec,
+        factory: EngineFactory,
+        blocking_build: bool,
+        *,
+        max_rows: int,
+        delay: float = 0.0,
     ) -> None:
         self.spec = spec
+        self.delay = delay
+        """Seconds each batch waits before it runs (the null backend's test knob)."""
         self.status: SamplerStatus = "DEPLOYING"
         self.load_error: str | None = None
         self.engine: SamplerEngine | None = None
@@ -579,6 +587,8 @@ class EngineWorker:
         call = functools.partial(engine.generate, batch[0].adapter, [j.request for j in batch])
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
+        if self.delay > 0:
+            await anyio.sleep(self.delay)
         try:
             if engine.blocking:
                 results = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
@@ -758,7 +768,10 @@ class SamplerService:
             return worker
         if self._task_group is None or self._closed:
             raise SamplerError(503, "the server is not running")
-        worker = EngineWorker(spec, self._factory, self._blocking_build, max_rows=MAX_BATCH_ROWS)
+        delay = self.settings.null_sample_delay if self.settings.backend == "null" else 0.0
+        worker = EngineWorker(
+            spec, self._factory, self._blocking_build, max_rows=MAX_BATCH_ROWS, delay=delay
+        )
         self.workers[key] = worker
         self._task_group.start_soon(self._serve_worker, worker, name=f"sampler {spec.name}")
         return worker

@@ -58,6 +58,9 @@ class ServerSettings:
     """Default seed of new trainers (a ``POST /trainers`` body may override it)."""
     null_delay: float = 0.0
     """Test knob: seconds every ``null``-backend operation takes (0 = instant)."""
+    null_sample_delay: float = 0.0
+    """Test knob: seconds every ``null``-backend sampling batch takes (0 = instant), to hold
+    many samples in flight the way a real model does (benchmarks)."""
     log_level: str = "info"
     """Log level of the server's loggers (uvicorn's names: debug, info, warning, ...)."""
 
@@ -77,8 +80,10 @@ class ServerSettings:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name}: must be a positive number of seconds, got {value!r}")
-        if not isinstance(self.null_delay, int | float) or not 0 <= self.null_delay < math.inf:
-            raise ValueError(f"null_delay: must be >= 0 seconds, got {self.null_delay!r}")
+        for name in ("null_delay", "null_sample_delay"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ValueError(f"{name}: must be >= 0 seconds, got {value!r}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level: must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
@@ -106,7 +111,9 @@ class ServerSettings:
 
 
 _INT_FIELDS = frozenset({"port", "max_body_bytes", "seed"})
-_FLOAT_FIELDS = frozenset({"poll_hold", "result_ttl", "seq_gap_timeout", "null_delay"})
+_FLOAT_FIELDS = frozenset(
+    {"poll_hold", "result_ttl", "seq_gap_timeout", "null_delay", "null_sample_delay"}
+)
 
 
 def _parse_env(name: str, raw: str) -> Any:
