@@ -113,7 +113,10 @@ def main() -> None:
         for mode in ("idle", "lanes", "one lane"):
             values = sorted(results[f"{loop} {mode}"])
             if not values:
-                print(f"  {loop:>7} {mode:>8}: no submit finished within 10 s (queued behind the samples)")
+                print(
+                    f"  {loop:>7} {mode:>8}: no submit finished within 10 s "
+                    "(queued behind the samples)"
+                )
                 continue
             med = statistics.median(values)
             p90 = values[int(0.9 * (len(values) - 1))]

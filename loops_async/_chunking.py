@@ -91,8 +91,9 @@ class MergedForwardFuture(APIFuture[ForwardBackwardOutput]):
         super().__init__()
         self._futures = list(futures)
         self._counts = list(counts)
-        self.operation_ids = [getattr(f, "operation_id", "") for f in self._futures]
+        self.operation_ids = [f.operation_id for f in self._futures]
         """The operation ids of the chunks, in order."""
+        self.operation_id = self.operation_ids[0] if self.operation_ids else ""
 
     def _describe(self) -> str:
         return f"{len(self._futures)} chunked operations"

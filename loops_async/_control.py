@@ -24,10 +24,18 @@ import anyio.to_thread
 import httpx
 import msgspec
 
-from . import errors
+from . import _validate, errors
 from ._background import BackgroundTasks
 from ._codec import decoder_for, encode
-from ._http import CONTROL_READ, CONTROL_WRITE, PROBE, Backoff, Transport, error_for_response
+from ._http import (
+    CONTROL_READ,
+    CONTROL_WRITE,
+    PROBE,
+    Backoff,
+    Transport,
+    error_for_response,
+    is_permanent_rejection,
+)
 from ._operation import Endpoint, decode_body
 from ._wire import (
     CheckpointFiles,
@@ -41,19 +49,27 @@ from ._wire import (
     DeploymentResponse,
     PolicyVersion,
     RunInfo,
-    SamplerDeploymentStatus,
     SamplerInfo,
+    ValidateCheckpointRequest,
 )
-from .sampling import SamplingClient
-from .types import Checkpoint, CheckpointArchive, CheckpointFile, ServerCapabilities
+from .sampling import SamplerDeployment, SamplingClient, wait_deployment_active
+from .types import (
+    Checkpoint,
+    CheckpointDownload,
+    CheckpointFile,
+    CheckpointFilesResponse,
+    ServerCapabilities,
+)
 
-__all__ = ["Control", "Settings"]
+__all__ = ["Control", "Settings", "wake_url"]
 
 T = TypeVar("T")
 log = logging.getLogger("loops_async")
 
 CONTROL_PLANE_RETRY_WINDOW = 20.0
 """Seconds the control plane's transient failures are retried before they are raised."""
+PROVISION_READ_TIMEOUT = 300.0
+"""Read timeout of ``POST /trainers``: provisioning may take minutes (PROTOCOL §8)."""
 _TERMINAL_DEPLOYMENT_STATES = frozenset({"FAILED", "STOPPED", "PREEMPTED"})
 _TERMINAL_SAMPLER_STATES = frozenset(
     {
@@ -69,6 +85,18 @@ _TERMINAL_SAMPLER_STATES = frozenset(
 _TEAMS_PATH = "/v1/teams"
 
 
+def _run_id_of(trainer_url: str) -> str:
+    """The run id in a trainer URL of the form ``.../runs/<id>`` (the local server's), else
+    ``""`` (no run id: ``X-Run-Id`` is not sent and ops carry ``run_id: null``)."""
+    parts = trainer_url.rstrip("/").split("/")
+    return parts[-1] if len(parts) >= 2 and parts[-2] == "runs" else ""
+
+
+def wake_url(sampler_base_url: str) -> str:
+    """A sampler's wake route: beside its routes, i.e. without a trailing ``/sync``."""
+    return f"{sampler_base_url.rstrip('/').removesuffix('/sync')}/wake"
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """The client-wide settings a :class:`Control` and its clients share."""
@@ -79,6 +107,13 @@ class Settings:
     heartbeat_interval: float
     sample_timeout: float
     max_request_bytes: int
+    availability_model: str = "dedicated"
+    reuse_from_run_id: str | None = None
+    reuse_from_session_id: str | None = None
+    backend_version: str | None = None
+    default_scope: str | None = None
+    local: tuple[str, str] | None = None
+    """``(trainer_url, sampler_url)`` of ``ServiceClient.local``: nothing is provisioned."""
 
 
 class Control:
@@ -134,6 +169,7 @@ class Control:
         *,
         body: object = None,
         params: Mapping[str, str] | None = None,
+        timeout: float | None = None,
     ) -> httpx.Response:
         """A control-plane request: GETs retry transport failures and 502/503/504
         (:data:`~loops_async._http.CONTROL_READ`); POSTs retry only connections that never
@@ -146,6 +182,7 @@ class Control:
             window=min(self.settings.ready_timeout, CONTROL_PLANE_RETRY_WINDOW),
             content=None if body is None else encode(body),
             params=params,
+            timeout=timeout,
         )
 
     async def request_typed(self, method: str, url: str, result_type: type[T], **kw: Any) -> T:
@@ -158,6 +195,8 @@ class Control:
 
     async def ensure_session(self) -> str:
         """The session id, creating the session on first use."""
+        if self.settings.local is not None:
+            self._session_id = "local"
         if self._session_id is None:
             root = await self._loops_root(team_scoped=True)
             created = await self.request_typed(
@@ -168,26 +207,55 @@ class Control:
                     self._session_id = created.session.id
         return self._session_id
 
-    async def create_trainer(self, request: CreateTrainerRequest) -> RunInfo:
-        """``POST /trainers``; returns the run (its trainer may still be starting)."""
+    async def _create_route(self, kind: str, scope: str | None) -> tuple[str, dict[str, str]]:
+        """``{root}/<kind>``, or the control plane's debug route (and the fields it reads)
+        when a scope or a backend version is chosen."""
         root = await self._loops_root(team_scoped=True)
+        extra: dict[str, str] = {}
+        if scope is not None:
+            extra["scope"] = scope
+        if self.settings.backend_version is not None:
+            extra["debug_version"] = self.settings.backend_version
+        if extra:
+            return f"{root}/debug/{kind}", extra
+        return f"{root}/{kind}", extra
+
+    async def create_trainer(
+        self, request: CreateTrainerRequest, *, scope: str | None = None
+    ) -> RunInfo:
+        """``POST /trainers``; returns the run (its trainer may still be starting)."""
+        if self.settings.local is not None:
+            trainer_url = self.settings.local[0]
+            return RunInfo(
+                id=_run_id_of(trainer_url), base_model=request.base_model, base_url=trainer_url
+            )
+        url, extra = await self._create_route("trainers", scope)
+        request = msgspec.structs.replace(request, **extra)
         created = await self.request_typed(
-            "POST", f"{root}/trainers", CreateTrainerResponse, body=request
+            "POST", url, CreateTrainerResponse, body=request, timeout=PROVISION_READ_TIMEOUT
         )
         return created.run
 
-    def trainer_endpoint(self, run: RunInfo) -> Endpoint:
-        """The endpoint of ``run``'s trainer (requests carry ``X-Run-Id``)."""
+    def trainer_endpoint(
+        self, run: RunInfo, *, ready_timeout: float | None = None, timeout: float | None = None
+    ) -> Endpoint:
+        """The endpoint of ``run``'s trainer (requests carry ``X-Run-Id`` when the run has an
+        id)."""
         return Endpoint(
             self.transport,
             run.base_url,
-            headers={"X-Run-Id": run.id},
-            ready_timeout=self.settings.ready_timeout,
+            headers={"X-Run-Id": run.id} if run.id else {},
+            ready_timeout=self.settings.ready_timeout if ready_timeout is None else ready_timeout,
+            timeout=timeout,
         )
 
-    async def wait_trainer_ready(self, endpoint: Endpoint, run: RunInfo) -> None:
-        """Poll ``GET {base_url}/health`` until 200; stop early if the deployment failed."""
-        backoff = Backoff(self.settings.ready_timeout, base=0.1, cap=2.0)
+    async def wait_trainer_ready(
+        self, endpoint: Endpoint, run: RunInfo, *, ready_timeout: float | None = None
+    ) -> None:
+        """Poll ``GET {base_url}/health`` until 200; stop early if the deployment failed or the
+        trainer says it never will be ready."""
+        window = self.settings.ready_timeout if ready_timeout is None else ready_timeout
+        backoff = Backoff(window, base=0.1, cap=2.0)
         polls = 0
         while True:
             try:
@@ -199,8 +267,8 @@ class Control:
             else:
                 if response.status_code == 200:
                     return
-                if response.status_code in (401, 403, 422):
-                    raise error_for_response(response)
+                if is_permanent_rejection(response):
+                    raise error_for_response(response)  # e.g. the trainer failed to load
             polls += 1
             if run.deployment_id and polls % 4 == 0:
                 await self._check_deployment(run.deployment_id)
@@ -221,50 +289,73 @@ class Control:
 
     # ------------------------------------------------------------------ samplers
 
-    async def create_sampler(self, request: CreateSamplerRequest) -> SamplerInfo:
-        """``POST /samplers``, then wait until the sampler is ready."""
-        root = await self._loops_root(team_scoped=True)
+    async def create_sampler(
+        self,
+        request: CreateSamplerRequest,
+        *,
+        scope: str | None = None,
+        ready: float | None = None,
+    ) -> SamplerInfo:
+        """``POST /samplers`` (300 s read timeout), then wait until the sampler is ready."""
+        if self.settings.local is not None:
+            return SamplerInfo(id="local", base_url=self.settings.local[1], model_id="local")
+        url, extra = await self._create_route("samplers", scope)
+        request = msgspec.structs.replace(request, **extra)
         created = await self.request_typed(
-            "POST", f"{root}/samplers", CreateSamplerResponse, body=request
+            "POST", url, CreateSamplerResponse, body=request, timeout=PROVISION_READ_TIMEOUT
         )
         sampler = created.sampler
-        await self._wait_sampler_ready(sampler)
+        await self._wait_sampler_ready(sampler, ready)
         return sampler
 
-    async def _wait_sampler_ready(self, sampler: SamplerInfo) -> None:
-        """Dedicated samplers: poll their deployment until ACTIVE (waking a scaled-to-zero
-        one); a terminal status raises :class:`DeploymentError`."""
+    def _deployment(self, sampler: SamplerInfo) -> SamplerDeployment | None:
         if not sampler.model_id or not sampler.deployment_id:
-            return  # shared capacity: nothing to wait for
-        url = f"{self._base_url}/v1/models/{sampler.model_id}/deployments/{sampler.deployment_id}"
-        backoff = Backoff(self.settings.ready_timeout, base=0.1, cap=2.0)
-        while True:
-            status = (await self.request_typed("GET", url, SamplerDeploymentStatus)).status
-            status = status.upper()
-            if status == "ACTIVE":
-                return
-            if status in _TERMINAL_SAMPLER_STATES:
-                raise errors.DeploymentError(f"sampler {sampler.id} deployment is {status}")
-            if status == "SCALED_TO_ZERO":
-                await self.request("POST", f"{sampler.base_url.rstrip('/')}/wake", body={})
-            if not await backoff.wait():
-                raise errors.OperationTimeoutError(
-                    f"sampler {sampler.id} not ready after "
-                    f"{self.settings.ready_timeout:g} s ({status})"
-                )
+            return None  # shared capacity (or ServiceClient.local): no deployment status
+        return SamplerDeployment(
+            api_base_url=self._base_url,
+            model_id=sampler.model_id,
+            deployment_id=sampler.deployment_id,
+            base_url=sampler.base_url,
+        )
 
-    async def paired_sampler(self, run_id: str) -> SamplerInfo:
+    async def _wait_sampler_ready(self, sampler: SamplerInfo, ready: float | None) -> None:
+        """Dedicated samplers: wait until their deployment is ACTIVE (see
+        :func:`~loops_async.sampling.wait_deployment_active`)."""
+        deployment = self._deployment(sampler)
+        if deployment is not None:
+            window = self.settings.ready_timeout if ready is None else ready
+            await wait_deployment_active(self.transport, deployment, window)
+
+    async def paired_sampler(
+        self, run_id: str | None, *, num_replicas: int | None = None
+    ) -> SamplerInfo:
         """The sampler paired with a run (created once; the route is idempotent per run)."""
-        sampler = self._paired.get(run_id)
+        key = run_id or ""
+        sampler = self._paired.get(key)
         if sampler is None:
             session_id = await self.ensure_session()
             sampler = await self.create_sampler(
-                CreateSamplerRequest(session_id=session_id, run_id=run_id)
+                CreateSamplerRequest(
+                    session_id=session_id, run_id=run_id, num_replicas=num_replicas
+                )
             )
-            self._paired[run_id] = sampler
+            self._paired[key] = sampler
         return sampler
 
-    async def wait_policy_version(self, sampler: SamplerInfo, run_id: str, version: int) -> None:
+    async def validate_checkpoint(self, path: str, run_id: str | None) -> None:
+        """``POST /v1/loops/checkpoints/validate``: raises unless ``path`` is usable by
+        ``run_id``'s sampler (skipped for ``ServiceClient.local``)."""
+        if self.settings.local is not None:
+            return
+        await self.request(
+            "POST",
+            f"{self._base_url}/v1/loops/checkpoints/validate",
+            body=ValidateCheckpointRequest(checkpoint_path=path, run_id=run_id),
+        )
+
+    async def wait_policy_version(
+        self, sampler: SamplerInfo, run_id: str | None, version: int
+    ) -> None:
         """Poll ``GET {sampler}/trainers_policy_version`` until it reaches ``version``."""
         url = f"{sampler.base_url.rstrip('/')}/trainers_policy_version"
         backoff = Backoff(self.settings.ready_timeout, base=0.02, cap=1.0)
@@ -272,7 +363,7 @@ class Control:
         while True:
             try:
                 response = await self.transport.send(
-                    "GET", url, PROBE, window=0.0, headers={"X-Run-Id": run_id}
+                    "GET", url, PROBE, window=0.0, headers={"X-Run-Id": run_id} if run_id else {}
                 )
             except errors.TransportError:
                 pass
@@ -296,26 +387,31 @@ class Control:
         headers: dict[str, str],
         *,
         pin: str | None = None,
+        sample_timeout: float | None = None,
+        ready_timeout: float | None = None,
     ) -> SamplingClient:
         """A client for ``sampler``. A shared sampler (``model_id`` null) speaks the operation
         protocol and is pinned to ``pin`` by the request's ``lora`` instead of by routing
         headers (PROTOCOL §6)."""
         shared = sampler.model_id is None
         if shared:
-            headers = {
-                k: v
-                for k, v in headers.items()
-                if k not in ("X-Min-Policy-Version", "X-Checkpoint-Path")
-            }
+            # Pinned by the body's ``lora`` and by X-Checkpoint-Path, which shared samplers
+            # route on too (PROTOCOL §8); they have no policy-version gate.
+            headers = {k: v for k, v in headers.items() if k != "X-Min-Policy-Version"}
+            if pin is not None:
+                headers["X-Checkpoint-Path"] = pin
         return SamplingClient(
             transport=self.transport,
             base_url=sampler.base_url,
             base_model=sampler.base_model or base_model,
             headers=headers,
-            ready_timeout=self.settings.ready_timeout,
-            sample_timeout=self.settings.sample_timeout,
+            ready_timeout=self.settings.ready_timeout if ready_timeout is None else ready_timeout,
+            sample_timeout=self.settings.sample_timeout
+            if sample_timeout is None
+            else sample_timeout,
             shared=shared,
             lora=pin if shared else None,
+            deployment=self._deployment(sampler),
         )
 
     # ------------------------------------------------------------------ checkpoints
@@ -345,39 +441,104 @@ class Control:
                 return checkpoint
         raise errors.ValidationError(f"path: no checkpoint {path} on {self._base_url}")
 
-    async def checkpoint_archive(self, path: str) -> CheckpointArchive:
-        """Every file URL of checkpoint ``path`` (all pages)."""
-        checkpoint = await self.checkpoint_at(path)
-        root = f"{self._base_url}/v1/loops/checkpoints/{quote(checkpoint.id, safe='')}"
-        source = await self.request_typed("GET", f"{root}/source", CheckpointSource)
-        log.debug("checkpoint %s source: %s", checkpoint.id, source.source.kind)
-        files: list[CheckpointFile] = []
-        token: str | int | None = 0
-        while token is not None:
-            page = await self.request_typed(
-                "GET",
-                f"{root}/files",
-                CheckpointFiles,
-                params={"page_size": "1000", "page_token": str(token)},
+    async def resolve_checkpoint(
+        self,
+        checkpoint_id: str | None,
+        name: str | None,
+        run_id: str | None,
+        target: str | None,
+    ) -> str:
+        """The checkpoint id named by exactly one of ``checkpoint_id`` (an id, or a ``bt://``
+        path) or ``name`` (a saved name of run ``run_id``, narrowed by ``target``)."""
+        if checkpoint_id is not None and name is not None:
+            raise errors.ValidationError("give checkpoint_id= or name=, not both")
+        if checkpoint_id is not None:
+            if target is not None:
+                raise errors.ValidationError("target= narrows name=, not checkpoint_id=")
+            if not isinstance(checkpoint_id, str) or not checkpoint_id:
+                raise errors.ValidationError(
+                    f"checkpoint_id: expected an id or a bt:// path, got {checkpoint_id!r}"
+                )
+            if checkpoint_id.startswith("bt://"):
+                return (await self.checkpoint_at(checkpoint_id)).id
+            return checkpoint_id
+        if name is None:
+            raise errors.ValidationError("give checkpoint_id= or name= (with run_id=)")
+        if run_id is None:
+            raise errors.ValidationError(f"name={name!r} needs run_id= (the run that saved it)")
+        if target is not None and str(target) not in ("trainer", "sampler"):
+            raise errors.ValidationError(f"target: expected 'trainer' or 'sampler', got {target!r}")
+        matches = [
+            c
+            for c in await self.list_checkpoints(run_id)
+            if c.checkpoint_id == name and (target is None or c.target == str(target))
+        ]
+        if len(matches) > 1:
+            raise errors.ValidationError(
+                f"name={name!r}: run {run_id} has a trainer and a sampler checkpoint of that "
+                "name; pass target='trainer' or target='sampler'"
             )
+        if not matches:
+            raise errors.ValidationError(
+                f"name={name!r}: run {run_id} has no such checkpoint (a name published by "
+                f"save_weights_and_get_sampling_client on a shared sampler is '{name}-<32 hex>')"
+            )
+        return matches[0].id
+
+    async def checkpoint_files(
+        self, checkpoint_id: str, *, page_size: int = 1000, page_token: int | str = 0
+    ) -> CheckpointFilesResponse:
+        """One page of ``GET /v1/loops/checkpoints/<id>/files``."""
+        page_size = _validate.check_positive_int(page_size, "page_size")
+        root = f"{self._base_url}/v1/loops/checkpoints/{quote(checkpoint_id, safe='')}"
+        page = await self.request_typed(
+            "GET",
+            f"{root}/files",
+            CheckpointFiles,
+            params={"page_size": str(page_size), "page_token": str(page_token)},
+        )
+        token = page.next_page_token
+        if isinstance(token, str):
+            token = int(token) if token.isdigit() else (token or None)
+        return CheckpointFilesResponse(
+            presigned_urls=page.presigned_urls,
+            next_page_token=token,
+            total_count=page.total_count if page.total_count is not None else 0,
+        )
+
+    async def download_checkpoint(
+        self, checkpoint_id: str, dest_dir: str | Path
+    ) -> CheckpointDownload:
+        """Download every file of checkpoint ``checkpoint_id`` into ``dest_dir`` (new or
+        empty); written aside, then renamed into place; the partial directory is removed on
+        every failure, cancellation included. Returns the :class:`CheckpointDownload`."""
+        root = f"{self._base_url}/v1/loops/checkpoints/{quote(checkpoint_id, safe='')}"
+        source = (await self.request_typed("GET", f"{root}/source", CheckpointSource)).source
+        if source.kind == "volume":
+            raise errors.CheckpointSourceError(
+                f"checkpoint {checkpoint_id} lives on volume {source.volume_ref!r} "
+                f"(path {source.path!r}), not on presigned storage: fetch it with Baseten's "
+                "volume tools (baseten-bdn)"
+            )
+        target = await (await anyio.Path(dest_dir).expanduser()).resolve()
+        if await target.exists():
+            if not await target.is_dir():
+                raise errors.ValidationError(f"dest_dir: {target} exists and is not a directory")
+            if [p async for p in target.iterdir()]:
+                raise errors.ValidationError(f"dest_dir: {target} exists and is not empty")
+        files: list[CheckpointFile] = []
+        token: int | str | None = 0
+        while token is not None:
+            page = await self.checkpoint_files(checkpoint_id, page_token=token)
             files.extend(page.presigned_urls)
             token = page.next_page_token if page.presigned_urls else None
-            if token == "":
-                token = None
-        return CheckpointArchive(checkpoint=checkpoint, files=files)
-
-    async def download_checkpoint(self, path: str, destination: str | Path) -> Path:
-        """Download every file of checkpoint ``path`` into the new directory ``destination``
-        (written aside, then renamed into place; the partial directory is removed on every
-        failure, cancellation included)."""
-        archive = await self.checkpoint_archive(path)
-        target = await (await anyio.Path(destination).expanduser()).resolve()
-        if await target.exists():
-            raise errors.ValidationError(f"destination: {target} already exists")
+        if not files:
+            raise errors.ProtocolError(f"checkpoint {checkpoint_id} has no files")
         partial = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
         await partial.mkdir(parents=True)
+        written = 0
         try:
-            for item in archive.files:
+            for item in files:
                 relative = PurePosixPath(item.relative_file_name)
                 if relative.is_absolute() or ".." in relative.parts or not relative.parts:
                     raise errors.ProtocolError(
@@ -385,13 +546,19 @@ class Control:
                     )
                 out = partial.joinpath(*relative.parts)
                 await out.parent.mkdir(parents=True, exist_ok=True)
-                await self.transport.download(item.url, Path(out))
+                written += await self.transport.download(
+                    item.url, Path(out), trusted_origin=self._base_url
+                )
+            if await target.exists():
+                await target.rmdir()  # empty, checked above
             await partial.rename(target)
         finally:
             with anyio.CancelScope(shield=True):
                 if await partial.exists():
                     await anyio.to_thread.run_sync(shutil.rmtree, partial, True)
-        return Path(target)
+        return CheckpointDownload(
+            dest_dir=Path(target), file_count=len(files), bytes_written=written
+        )
 
     async def capabilities(self) -> ServerCapabilities:
         """``GET /v1/loops/capabilities``."""

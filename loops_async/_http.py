@@ -32,6 +32,7 @@ __all__ = [
     "PROBE",
     "RETRY_TIME_SCALE",
     "SAMPLE",
+    "SAMPLER_MODELS",
     "SAMPLER_POLL",
     "TRAINER_POLL",
     "TRAINER_SUBMIT",
@@ -112,9 +113,10 @@ def error_for_response(
 
 
 def is_permanent_rejection(response: httpx.Response) -> bool:
-    """Whether a 4xx says it will never change (PROTOCOL §1): any 422; a 4xx with
-    ``X-Baseten-Error-Source: 06``; a 400 whose body's error type is ``BadRequestError``; or a
-    deactivated model (source ``01`` + code ``631``)."""
+    """Whether a rejection says it will never change (PROTOCOL §1): any 422; a 4xx with
+    ``X-Baseten-Error-Source: 06``; a 400 whose body's error type is ``BadRequestError``; a
+    deactivated model (source ``01`` + code ``631``); or a body that names its ``error_class``
+    (the local server's rejections, its shutdown 503 included)."""
     status = response.status_code
     if status == 422:
         return True
@@ -123,14 +125,17 @@ def is_permanent_rejection(response: httpx.Response) -> bool:
         return True
     if source == "01" and response.headers.get("x-baseten-error-code") == "631":
         return True
-    if status == 400:
-        body = _body_of(response)
-        if isinstance(body, dict):
-            err = body.get("error")
-            if isinstance(err, dict) and err.get("type") == "BadRequestError":
-                return True
-            if body.get("type") == "BadRequestError":
-                return True
+    body = _body_of(response)
+    if isinstance(body, dict) and isinstance(body.get("error_class"), str):
+        # A server that names the error class has looked at the request and answered: it is
+        # not a proxy or a starting replica talking (the local server marks every error so).
+        return True
+    if status == 400 and isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("type") == "BadRequestError":
+            return True
+        if body.get("type") == "BadRequestError":
+            return True
     return False
 
 
@@ -251,9 +256,10 @@ TRAINER_SUBMIT = RouteTable(
     Lane.CONTROL,
     success=_2XX,
     transient=frozenset({408, 429, 502, 504}),
-    not_ready=frozenset({400, 404}),
+    not_ready=frozenset({400, 404, 503}),
 )
-"""``POST {trainer}/<op>`` with an ``Idempotency-Key``: every retry is safe."""
+"""``POST {trainer}/<op>`` with an ``Idempotency-Key``: every retry is safe. 400/404/503 mean a
+trainer still starting on the hosted service (PROTOCOL §8) unless marked permanent."""
 TRAINER_POLL = RouteTable(
     "trainer poll",
     Lane.CONTROL,
@@ -270,11 +276,12 @@ SAMPLE = RouteTable(
     Lane.SAMPLING,
     success=frozenset({200, 202}),
     transient=frozenset({408, 429, 502, 504}),
+    not_ready=frozenset({400, 404, 503}),
     read_timeout=ReadTimeout.RAISE,
     read_timeout_error=errors.SampleTimeoutError,
 )
 """``POST {sampler}/sample``: 200 is the answer, 202 an operation (shared samplers); 408 is
-the policy-version gate."""
+the policy-version gate; 400/404/503 a sampler still starting (PROTOCOL §8)."""
 SAMPLER_POLL = RouteTable(
     "sampler poll",
     Lane.SAMPLING,
@@ -286,6 +293,14 @@ SAMPLER_POLL = RouteTable(
     status_errors={404: errors.UnknownRequestError},
 )
 """``GET {sampler}/operations/<id>`` of a shared sampler (503 + ``Retry-After`` re-polls)."""
+SAMPLER_MODELS = RouteTable(
+    "sampler models",
+    Lane.SAMPLING,
+    success=_2XX,
+    transient=frozenset({408, 429, 502, 504}),
+    not_ready=frozenset({400, 404, 503}),
+)
+"""``GET {sampler}/v1/models``: retried while the sampler starts."""
 CONTROL_READ = RouteTable(
     "control read", Lane.CONTROL, success=_2XX, transient=frozenset({502, 503, 504})
 )
@@ -538,9 +553,12 @@ class Transport:
                 if table.read_timeout is ReadTimeout.RAISE:
                     if isinstance(exc, table.read_timeout_error):
                         raise
-                    raise table.read_timeout_error(
+                    error = table.read_timeout_error(
                         f"no answer from {method} {url} within {timeout or 0:g} s"
-                    ) from exc
+                    )
+                    if isinstance(error, errors.SampleTimeoutError):
+                        error.timeout = timeout
+                    raise error from exc
                 failure = exc
             except errors.ConnectError as exc:
                 failure = exc
@@ -566,19 +584,32 @@ class Transport:
             if not await backoff.wait(pause):
                 raise failure
 
-    async def download(self, url: str, out: Path) -> int:
-        """Stream ``GET url`` into the file ``out``; returns the number of bytes written."""
+    async def download(self, url: str, out: Path, *, trusted_origin: str) -> int:
+        """Stream ``GET url`` into the file ``out``; returns the number of bytes written.
+
+        A URL on another origin than ``trusted_origin`` (presigned object storage) gets none of
+        the client's default headers: no ``Authorization`` (storage refuses a second auth
+        mechanism, and the key must not leak), no protocol headers (PROTOCOL §8)."""
         entry = self._lane(Lane.CONTROL)
         written = 0
         try:
-            async with entry.limiter, entry.client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise error_for_response(response)
-                async with await anyio.open_file(out, "wb") as sink:
-                    async for chunk in response.aiter_bytes(1 << 20):
-                        await sink.write(chunk)
-                        written += len(chunk)
+            request = entry.client.build_request("GET", url)
+            if _origin(url) != _origin(trusted_origin):
+                for name in self._headers:
+                    request.headers.pop(name, None)
+            async with entry.limiter:
+                response = await entry.client.send(request, stream=True)
+                try:
+                    if response.status_code != 200:
+                        await response.aread()
+                        raise error_for_response(response)
+                    async with await anyio.open_file(out, "wb") as sink:
+                        async for chunk in response.aiter_bytes(1 << 20):
+                            await sink.write(chunk)
+                            written += len(chunk)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await response.aclose()
         except httpx.HTTPError as exc:
             raise map_httpx_error(exc, "GET", url) from exc
         return written
@@ -614,6 +645,11 @@ class Transport:
         """Close every loop's clients from a thread that runs no event loop, within
         ``timeout`` seconds (default :data:`CLOSE_TIMEOUT`)."""
         _close_on_their_loops(self._take_all(), CLOSE_TIMEOUT if timeout is None else timeout)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parsed = httpx.URL(url)
+    return parsed.scheme, parsed.host, parsed.port
 
 
 def map_httpx_error(exc: httpx.HTTPError, method: str, url: str) -> errors.LoopsError:

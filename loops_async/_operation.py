@@ -8,6 +8,7 @@ operation id; ``GET {endpoint}/operations/<id>`` is held by the server up to ~30
 from __future__ import annotations
 
 import abc
+import logging
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Generator, Mapping
@@ -45,6 +46,7 @@ __all__ = [
 
 T = TypeVar("T")
 R = TypeVar("R")
+log = logging.getLogger("loops_async")
 
 SUBMIT_READ_TIMEOUT = 60.0
 UNFINISHED_PAUSE = 1.0
@@ -74,6 +76,7 @@ async def poll_operation(
     table: RouteTable,
     headers: Mapping[str, str],
     window: float,
+    operation: str | None = None,
 ) -> tuple[T, httpx.Response]:
     """Long-poll ``url`` (an operation of a trainer or a shared sampler) until it is done;
     return its decoded result and the final response.
@@ -96,8 +99,10 @@ async def poll_operation(
         if envelope.status == "error":
             raise errors.RemoteOpError(
                 envelope.error or "operation failed",
-                error_class=envelope.error_class,
+                envelope.error_class,
                 operation_id=operation_id,
+                run_id=headers.get("X-Run-Id"),
+                operation=operation,
             )
         # "pending"/"running" in a 200: the server did not hold the poll; do not spin.
         await anyio.sleep(UNFINISHED_PAUSE * _http.RETRY_TIME_SCALE)
@@ -113,11 +118,14 @@ class Endpoint:
         *,
         headers: Mapping[str, str],
         ready_timeout: float,
+        timeout: float | None = None,
     ) -> None:
         self.transport = transport
         self.base_url = base_url.rstrip("/")
         self.headers = dict(headers)
         self.ready_timeout = ready_timeout
+        self.timeout = SUBMIT_READ_TIMEOUT if timeout is None else timeout
+        """Read timeout of a submit."""
 
     def url(self, path: str) -> str:
         """The absolute URL of ``path`` under this endpoint."""
@@ -152,11 +160,13 @@ class Endpoint:
             window=self.ready_timeout,
             content=body,
             headers=idempotency_headers(self.headers),
-            timeout=SUBMIT_READ_TIMEOUT,
+            timeout=self.timeout,
         )
         return accepted_operation_id(response)
 
-    async def retrieve(self, operation_id: str, result_type: type[T]) -> T:
+    async def retrieve(
+        self, operation_id: str, result_type: type[T], operation: str | None = None
+    ) -> T:
         """Long-poll an operation until it is done; return its decoded result
         (:func:`poll_operation` with :data:`~loops_async._http.TRAINER_POLL`)."""
         result, _ = await poll_operation(
@@ -167,6 +177,7 @@ class Endpoint:
             table=TRAINER_POLL,
             headers=self.headers,
             window=self.ready_timeout,
+            operation=operation,
         )
         return result
 
@@ -209,12 +220,27 @@ class APIFuture(abc.ABC, Generic[T]):
     to keep waiting.
     """
 
+    operation_id: str = ""
+    """The server's id of the operation (the first chunk's for a split batch; ``""`` when
+    the future does not stand for one operation)."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._has_outcome = False
         self._result: T | None = None
         self._error: BaseException | None = None
         self._inflight: dict[object, anyio.Event] = {}
+        self._observers: list[Callable[[T], object]] = []
+
+    def _observe(self, callback: Callable[[T], object]) -> None:
+        """Call ``callback(result)`` once the result is retrieved (at once if it already is);
+        a failing callback is logged, never raised."""
+        with self._lock:
+            if not self._has_outcome:
+                self._observers.append(callback)
+                return
+        if self._error is None:
+            _notify(callback, self._result)
 
     def __repr__(self) -> str:
         state = "done" if self._has_outcome else "pending"
@@ -243,6 +269,10 @@ class APIFuture(abc.ABC, Generic[T]):
             self._result = result
             self._error = error
             self._has_outcome = True
+            observers, self._observers = self._observers, []
+        if error is None:
+            for callback in observers:
+                _notify(callback, result)
 
     async def _retrieve_once(self) -> None:
         try:
@@ -306,6 +336,13 @@ class APIFuture(abc.ABC, Generic[T]):
         return self.result_async().__await__()
 
 
+def _notify(callback: Callable[[Any], object], result: Any) -> None:
+    try:
+        callback(result)
+    except Exception:
+        log.warning("a result observer failed", exc_info=True)
+
+
 class OperationFuture(APIFuture[T]):
     """The pending result of a submitted operation (see :class:`APIFuture`); its
     ``operation_id`` is the server's id. The result is retrieved by long-polling
@@ -318,10 +355,13 @@ class OperationFuture(APIFuture[T]):
         endpoint: Endpoint,
         result_type: type[T],
         transform: Callable[[T], T] | None = None,
+        operation: str | None = None,
     ) -> None:
         super().__init__()
         self.operation_id = operation_id
         """The server's id of this operation."""
+        self.operation = operation
+        """The operation's name (``"forward_backward"``, ...), if known."""
         self._endpoint = endpoint
         self._result_type = result_type
         self._transform = transform
@@ -330,7 +370,7 @@ class OperationFuture(APIFuture[T]):
         return f"operation {self.operation_id} ({self._result_type.__name__})"
 
     async def _fetch(self) -> T:
-        result = await self._endpoint.retrieve(self.operation_id, self._result_type)
+        result = await self._endpoint.retrieve(self.operation_id, self._result_type, self.operation)
         if self._transform is not None:
             result = self._transform(result)
         return result
@@ -347,6 +387,7 @@ class ChainedFuture(APIFuture[T]):
         self._inner = inner
         self._then = then
         self._what = what
+        self.operation_id = inner.operation_id
 
     def _describe(self) -> str:
         return self._what

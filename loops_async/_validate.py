@@ -5,6 +5,7 @@ context length) are the server's, which answers 422."""
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -212,6 +213,45 @@ def check_checkpoint_path(path: object, field: str = "path") -> str:
             f"'bt://loops:<run_id>/weights/<name>', got {path!r}"
         )
     return path
+
+
+def check_load_path(path: object, field: str = "path") -> str:
+    """Where ``load_state*`` may load from: a ``bt://`` URI, a ``file://`` URL, an ``s3://``
+    URI or a local directory path (sent as given; the server decides what it can read). A
+    relative local path is made absolute, since the server does not share our working
+    directory."""
+    if not isinstance(path, str) or not path.strip() or len(path) > 1024 or "\x00" in path:
+        raise ValidationError(
+            f"{field}: expected 'bt://loops:<run_id>/weights/<name>', a file:// URL, an "
+            f"s3:// URI or a local directory path, got {path!r}"
+        )
+    if "://" in path:
+        scheme = path.split("://", 1)[0]
+        if scheme not in ("bt", "file", "s3"):
+            raise ValidationError(f"{field}: unsupported scheme {scheme!r} in {path!r}")
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def check_replicas(value: object, field: str) -> int:
+    """A replica count (>= 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(f"{field} must be >= 1, got {value!r}")
+    return value
+
+
+def check_seconds(value: object, field: str, *, allow_none: bool = True) -> float | None:
+    """A positive finite number of seconds (or ``None`` where allowed)."""
+    if value is None and allow_none:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValidationError(f"{field}: expected a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def check_ttl(ttl_seconds: object) -> int | None:

@@ -10,7 +10,14 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from .types import AdamParams, Checkpoint, CheckpointFile, Datum, ServerCapabilities
+from .types import (
+    AdamParams,
+    Checkpoint,
+    CheckpointFile,
+    Datum,
+    ExternalRef,
+    ServerCapabilities,
+)
 
 Capabilities = ServerCapabilities  # the body of GET /capabilities
 
@@ -107,14 +114,25 @@ class CreateTrainerRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     session_id: str
     base_model: str
     lora_rank: int
-    replicas: int = 1
-    availability_model: str = "dedicated"
+    replicas: int  # always sent (no default: omit_defaults would drop it), PROTOCOL §8
+    availability_model: str  # always sent
     seed: int | None = None
     max_seq_len: int | None = None
     name: str | None = None
     path: str | None = None
     base_checkpoint: str | None = None
     reuse_from_run_id: str | None = None
+    reuse_from_session_id: str | None = None
+    scope: str | None = None
+    debug_version: str | None = None
+
+
+class CreateTrainerRequestIn(CreateTrainerRequest, kw_only=True, omit_defaults=True):
+    """``POST /trainers`` as the local server reads it: clients older than PROTOCOL §8 may
+    leave out ``replicas`` and ``availability_model``."""
+
+    replicas: int = 1
+    availability_model: str = "dedicated"
 
 
 class RunInfo(msgspec.Struct, kw_only=True):
@@ -122,6 +140,7 @@ class RunInfo(msgspec.Struct, kw_only=True):
     base_model: str
     base_url: str
     deployment_id: str | None = None
+    base_checkpoint: str | None = None
 
 
 class CreateTrainerResponse(msgspec.Struct, kw_only=True):
@@ -167,6 +186,8 @@ class SampleRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Shared samplers only: the base model."""
     lora: str | None = None
     """Shared samplers only: the pinned ``bt://`` adapter path."""
+    structured_outputs: dict[str, Any] | None = None
+    include_routed_experts: bool | None = None
 
 
 class ChoiceLogprobs(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -197,6 +218,7 @@ class SampleChoice(msgspec.Struct, kw_only=True, omit_defaults=True):
     token_ids: list[int] | None = None
     prompt_token_ids: list[int] | None = None
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None
+    routed_experts_ref: ExternalRef | None = None
 
 
 class SampleAnswer(msgspec.Struct, kw_only=True):
@@ -226,6 +248,9 @@ class CreateSamplerRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     base_model: str | None = None
     model_path: str | None = None
     max_seq_length: int | None = None
+    reuse_from_session_id: str | None = None
+    scope: str | None = None
+    debug_version: str | None = None
 
 
 class SamplerInfo(msgspec.Struct, kw_only=True):

@@ -14,7 +14,10 @@ Every exception the library raises on purpose derives from :class:`LoopsError`::
     │   ├── ConnectError
     │   └── ReadTimeoutError
     ├── ProtocolError              the server answered something this protocol does not allow
+    ├── CheckpointSourceError      a checkpoint's files are not on presigned storage (volume)
     ├── DeploymentError            a trainer or sampler deployment ended (FAILED, STOPPED, ...)
+    │   └── SamplerTerminatedError a sampler deployment reached a terminal status
+    │                              (``deployment_id``, ``status``; also a RuntimeError)
     ├── APIStatusError             an HTTP error status
     │                              (``status_code``, ``method``, ``url``, ``message``)
     │   ├── BadRequestError             400
@@ -47,6 +50,7 @@ __all__ = [
     "APIStatusError",
     "AuthenticationError",
     "BadRequestError",
+    "CheckpointSourceError",
     "ClientClosedError",
     "ConflictError",
     "ConnectError",
@@ -63,6 +67,7 @@ __all__ = [
     "RemoteOpError",
     "RequestTooLargeError",
     "SampleTimeoutError",
+    "SamplerTerminatedError",
     "ServerShutdownError",
     "SyncInAsyncContextError",
     "TransportError",
@@ -102,7 +107,17 @@ class OperationTimeoutError(LoopsError, TimeoutError):
 
 
 class SampleTimeoutError(OperationTimeoutError):
-    """A sampling request did not answer in time."""
+    """A sampling request did not answer in time.
+
+    Attributes:
+        timeout: the read timeout that ran out, in seconds (``None`` if unknown).
+    """
+
+    timeout: float | None
+
+    def __init__(self, message: str = "", *, timeout: float | None = None) -> None:
+        super().__init__(message or f"the sampler did not answer within {timeout} s")
+        self.timeout = timeout
 
 
 class TransportError(LoopsError):
@@ -124,6 +139,26 @@ class ProtocolError(LoopsError):
 class DeploymentError(LoopsError):
     """A trainer or sampler deployment reached a terminal state (FAILED, STOPPED, PREEMPTED,
     ...) while the client waited for it to become ready."""
+
+
+class CheckpointSourceError(LoopsError):
+    """A checkpoint's files cannot be fetched over presigned URLs (e.g. it lives on a
+    volume); the message says where it is."""
+
+
+class SamplerTerminatedError(DeploymentError, RuntimeError):
+    """A sampler's deployment reached a terminal status (``DEPLOY_FAILED``, ``UNHEALTHY``,
+    ``BUILD_FAILED``, ``INACTIVE``, ...): it will not serve.
+
+    Attributes:
+        deployment_id: the sampler's deployment id.
+        status: the terminal status.
+    """
+
+    def __init__(self, deployment_id: str, status: str, message: str = "") -> None:
+        super().__init__(message or f"sampler deployment {deployment_id} is {status}")
+        self.deployment_id = deployment_id
+        self.status = status
 
 
 class APIStatusError(LoopsError):
@@ -205,21 +240,50 @@ class RemoteOpError(LoopsError):
         message: the server's error message.
         error_class: the server-side exception class name (e.g. ``"ValidationError"``).
         operation_id: the id of the failed operation.
+        run_id: the training run (``None`` for a sampler's operation).
+        operation: the operation's name (``"forward_backward"``, ``"sample"``, ...).
+        context: ``run_id``, ``operation`` and ``operation_id`` as a dict (for logging).
+        descriptor: the same as one string.
     """
 
     message: str
     error_class: str | None
     operation_id: str | None
+    run_id: str | None
+    operation: str | None
 
     def __init__(
-        self, message: str, *, error_class: str | None = None, operation_id: str | None = None
+        self,
+        message: str,
+        error_class: str | None = None,
+        *,
+        operation_id: str | None = None,
+        run_id: str | None = None,
+        operation: str | None = None,
     ) -> None:
-        where = f" (operation {operation_id})" if operation_id else ""
-        kind = f"{error_class}: " if error_class else ""
-        super().__init__(f"{kind}{message}{where}")
         self.message = message
         self.error_class = error_class
         self.operation_id = operation_id
+        self.run_id = run_id
+        self.operation = operation
+        where = f" ({self.descriptor})" if self.context else ""
+        kind = f"{error_class}: " if error_class else ""
+        super().__init__(f"{kind}{message}{where}")
+
+    @property
+    def context(self) -> dict[str, str]:
+        """The operation's coordinates that are known, by name."""
+        pairs = {
+            "run_id": self.run_id,
+            "operation": self.operation,
+            "operation_id": self.operation_id,
+        }
+        return {key: value for key, value in pairs.items() if value}
+
+    @property
+    def descriptor(self) -> str:
+        """The context as ``key=value, ...``."""
+        return ", ".join(f"{key}={value}" for key, value in self.context.items())
 
 
 class PartialSubmitError(LoopsError):

@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import anyio
+import msgspec
 
 from . import _portal, _validate, errors
 from ._codec import decoder_for, encode
-from ._http import SAMPLE, SAMPLER_POLL, Lane, Transport
-from ._operation import accepted_operation_id, decode_body, idempotency_headers, poll_operation
-from ._wire import PromptLogprob, SampleAnswer, SampleChoice, SampleRequest
+from ._http import (
+    CONTROL_READ,
+    PROBE,
+    SAMPLE,
+    SAMPLER_MODELS,
+    SAMPLER_POLL,
+    Backoff,
+    Lane,
+    Transport,
+    error_for_response,
+)
+from ._operation import (
+    APIFuture,
+    accepted_operation_id,
+    decode_body,
+    idempotency_headers,
+    poll_operation,
+)
+from ._wire import (
+    PromptLogprob,
+    SampleAnswer,
+    SampleChoice,
+    SamplerDeploymentStatus,
+    SampleRequest,
+)
 from .types import (
     EncodedTextChunk,
     ModelInput,
@@ -27,7 +52,7 @@ from .types import (
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["SamplingClient"]
+__all__ = ["SamplerDeployment", "SamplingClient", "wait_deployment_active"]
 
 log = logging.getLogger("loops_async")
 
@@ -75,6 +100,95 @@ def _prompt_logprobs(
     return actual, topk
 
 
+_TERMINAL_SAMPLER_STATES = frozenset(
+    {
+        "DEPLOY_FAILED",
+        "UNHEALTHY",
+        "BUILD_FAILED",
+        "BUILD_STOPPED",
+        "DEACTIVATING",
+        "INACTIVE",
+        "FAILED",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerDeployment:
+    """Where a dedicated sampler's deployment status lives (PROTOCOL §7)."""
+
+    api_base_url: str
+    model_id: str
+    deployment_id: str
+    base_url: str
+
+    @classmethod
+    def of(cls, deployment: Any) -> SamplerDeployment:
+        """From any object with the four attributes (e.g. the official SDK's deployment)."""
+        if isinstance(deployment, SamplerDeployment):
+            return deployment
+        try:
+            return cls(
+                api_base_url=str(deployment.api_base_url),
+                model_id=str(deployment.model_id),
+                deployment_id=str(deployment.deployment_id),
+                base_url=str(deployment.base_url),
+            )
+        except AttributeError as exc:
+            raise errors.ValidationError(f"deployment: {exc}") from None
+
+    @property
+    def status_url(self) -> str:
+        """``GET`` for ``{"status": ...}``."""
+        return (
+            f"{self.api_base_url.rstrip('/')}/v1/models/{self.model_id}"
+            f"/deployments/{self.deployment_id}"
+        )
+
+    @property
+    def wake_url(self) -> str:
+        """The wake route: beside the sampler's routes, without a trailing ``/sync``."""
+        return f"{self.base_url.rstrip('/').removesuffix('/sync')}/wake"
+
+
+async def wait_deployment_active(
+    transport: Transport, deployment: SamplerDeployment, window: float
+) -> None:
+    """Poll a dedicated sampler's deployment until ACTIVE, waking a scaled-to-zero one. A
+    terminal status raises :class:`~loops_async.errors.SamplerTerminatedError`; a 4xx from the
+    status route means "no status here" (PROTOCOL §8): return, and let requests wait out the
+    cold start themselves."""
+    backoff = Backoff(window, base=0.1, cap=2.0)
+    decoder = decoder_for(SamplerDeploymentStatus)
+    status = "UNKNOWN"
+    while True:
+        try:
+            response = await transport.send(
+                "GET", deployment.status_url, CONTROL_READ, window=min(window, 20.0)
+            )
+        except errors.APIStatusError as exc:
+            if 400 <= exc.status_code < 500 and exc.status_code not in (401, 403):
+                log.debug("sampler %s has no deployment status: %s", deployment.model_id, exc)
+                return
+            raise
+        status = decode_body(decoder, response, deployment.status_url).status.upper()
+        if status == "ACTIVE":
+            return
+        if status in _TERMINAL_SAMPLER_STATES:
+            raise errors.SamplerTerminatedError(deployment.deployment_id, status)
+        if status == "SCALED_TO_ZERO":
+            woke = await transport.send(
+                "POST", deployment.wake_url, PROBE, window=0.0, content=b"{}"
+            )
+            if woke.status_code not in (200, 202):
+                raise error_for_response(woke)
+        if not await backoff.wait():
+            raise errors.OperationTimeoutError(
+                f"sampler deployment {deployment.deployment_id} not ACTIVE after "
+                f"{window:g} s ({status})"
+            )
+
+
 class SamplingClient:
     """Samples from one sampler: the live adapter of a run, a pinned checkpoint, or a base model.
 
@@ -97,9 +211,9 @@ class SamplingClient:
         ready_timeout: float,
         sample_timeout: float,
         owns_transport: bool = False,
-        affinity_key: str | None = None,
         shared: bool = False,
         lora: str | None = None,
+        deployment: SamplerDeployment | None = None,
     ) -> None:
         self._transport = transport
         self._shared = shared
@@ -107,10 +221,11 @@ class SamplingClient:
         self._owns_transport = owns_transport
         self._base_url = base_url.rstrip("/")
         self._base_model = base_model
-        self._affinity_key = affinity_key or uuid.uuid4().hex
-        self._headers = {**headers, "X-Baseten-Session-ID": self._affinity_key}
+        self._headers = {k: v for k, v in headers.items() if k != "X-Baseten-Session-ID"}
         self._ready_timeout = ready_timeout
         self._sample_timeout = sample_timeout
+        self._deployment = deployment
+        self._pending: APIFuture[SamplingClient] | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -128,12 +243,12 @@ class SamplingClient:
             "transport": self._transport.config(),
             "base_url": self._base_url,
             "base_model": self._base_model,
-            "headers": {k: v for k, v in self._headers.items() if k != "X-Baseten-Session-ID"},
+            "headers": dict(self._headers),
             "ready_timeout": self._ready_timeout,
             "sample_timeout": self._sample_timeout,
-            "affinity_key": self._affinity_key,
             "shared": self._shared,
             "lora": self._lora,
+            "deployment": self._deployment,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -145,17 +260,58 @@ class SamplingClient:
             headers=state["headers"],
             ready_timeout=state["ready_timeout"],
             sample_timeout=state["sample_timeout"],
-            affinity_key=state["affinity_key"],
             shared=state["shared"],
             lora=state["lora"],
+            deployment=state.get("deployment"),
         )
 
-    # ------------------------------------------------------------------ properties
+    # ------------------------------------------------------------------ a future of itself
 
-    @property
-    def affinity_key(self) -> str:
-        """Sent as ``X-Baseten-Session-ID`` so a replica can reuse this client's prompt cache."""
-        return self._affinity_key
+    def _await_before_sampling(self, pending: APIFuture[SamplingClient]) -> None:
+        """Made by ``save_weights_and_get_sampling_client``: ``pending`` finishes the publish
+        and the version wait; samples wait for its first half (the publish) only when the
+        version could not be pinned up front."""
+        self._pending = pending
+
+    def _pin_version(self, version: int, path: str) -> None:
+        """The publish finished: pin the exact version (or path, on a shared sampler)."""
+        if self._shared:
+            self._lora = path or self._lora
+            if self._lora:
+                self._headers["X-Checkpoint-Path"] = self._lora
+        elif version > 0:
+            self._headers["X-Min-Policy-Version"] = str(version)
+        else:
+            self._headers.pop("X-Min-Policy-Version", None)
+
+    def done(self) -> bool:
+        """Whether :meth:`result` would return at once (no I/O): the publish that made this
+        client finished and the sampler reported its version (always true for a client not
+        made by ``save_weights_and_get_sampling_client``)."""
+        return self._pending is None or self._pending.done()
+
+    async def result_async(self, timeout: float | None = None) -> SamplingClient:
+        """Async twin of :meth:`result`."""
+        if self._pending is not None:
+            await self._pending.result_async(timeout)
+        return self
+
+    def result(self, timeout: float | None = None) -> SamplingClient:
+        """Wait until the publish that made this client finished and the paired sampler serves
+        it, then return this client (``await client`` does the same). Raises the publish's
+        error, or :class:`~loops_async.errors.OperationTimeoutError` after ``timeout`` s."""
+        pending = self._pending
+        if pending is None:
+            return self
+        if pending.done():
+            pending.result()  # the memoised outcome: no I/O
+            return self
+        return _portal.run(self.result_async, timeout, twin="result_async")
+
+    def __await__(self) -> Generator[Any, None, SamplingClient]:
+        return self.result_async().__await__()
+
+    # ------------------------------------------------------------------ properties
 
     @property
     def min_policy_version(self) -> int | None:
@@ -168,6 +324,12 @@ class SamplingClient:
         """The checkpoint this client is pinned to (``X-Checkpoint-Path``, or the ``lora`` of a
         shared sampler's requests), if any."""
         return self._headers.get("X-Checkpoint-Path") or self._lora
+
+    @property
+    def checkpoint_name(self) -> str | None:
+        """The name of the pinned checkpoint (the last segment of :attr:`checkpoint_path`)."""
+        path = self.checkpoint_path
+        return path.rstrip("/").rsplit("/", 1)[-1] if path else None
 
     def get_base_model(self) -> str:
         """The base model the sampler runs."""
@@ -189,6 +351,7 @@ class SamplingClient:
         sampling_params: SamplingParams | None,
         include_prompt_logprobs: bool,
         topk_prompt_logprobs: int,
+        include_routed_experts: bool | None = None,
     ) -> tuple[bytes, list[int]]:
         if self._closed:
             raise errors.ClientClosedError(f"{self!r} is closed")
@@ -266,13 +429,18 @@ class SamplingClient:
             prompt_logprobs=topk_prompt_logprobs if wants_prompt else None,
             model=self._base_model if self._shared else None,
             lora=self._lora if self._shared else None,
+            structured_outputs=params.structured_outputs,
+            include_routed_experts=include_routed_experts,
         )
         return encode(request), tokens
 
-    async def _post(self, body: bytes) -> tuple[SampleAnswer, int | None]:
+    async def _post(self, body: bytes, affinity_key: str | None) -> tuple[SampleAnswer, int | None]:
         """``POST {sampler}/sample`` under :data:`~loops_async._http.SAMPLE` (one
         ``Idempotency-Key`` for every retry); a 202 (shared sampler) is long-polled."""
+        if self._shared and self._pending is not None and not self._pending.done():
+            await self._pending.result_async()  # the pinned adapter must exist first
         headers = idempotency_headers(self._headers)
+        headers["X-Baseten-Session-ID"] = affinity_key or uuid.uuid4().hex
         response = await self._transport.send(
             "POST",
             f"{self._base_url}/sample",
@@ -300,6 +468,7 @@ class SamplingClient:
                 table=SAMPLER_POLL,
                 headers=self._headers,
                 window=self._ready_timeout,
+                operation="sample",
             )
         except (errors.RemoteOpError, errors.UnknownRequestError, errors.ProtocolError):
             raise  # the operation is over: nothing to cancel
@@ -325,12 +494,28 @@ class SamplingClient:
         sampling_params: SamplingParams | None = None,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        *,
+        affinity_key: str | None = None,
+        include_routed_experts: bool | None = None,
     ) -> SampleResponse:
         """Async twin of :meth:`sample`."""
+        if affinity_key is not None and (not isinstance(affinity_key, str) or not affinity_key):
+            raise errors.ValidationError(
+                f"affinity_key: expected a non-empty string, got {affinity_key!r}"
+            )
+        if include_routed_experts is not None and not isinstance(include_routed_experts, bool):
+            raise errors.ValidationError(
+                f"include_routed_experts: expected a bool, got {include_routed_experts!r}"
+            )
         body, tokens = self._build(
-            prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            include_routed_experts,
         )
-        answer, version = await self._post(body)
+        answer, version = await self._post(body, affinity_key)
         return self._response(answer, version, tokens, topk_prompt_logprobs)
 
     def sample(
@@ -340,22 +525,34 @@ class SamplingClient:
         sampling_params: SamplingParams | None = None,
         include_prompt_logprobs: bool = False,
         topk_prompt_logprobs: int = 0,
+        *,
+        affinity_key: str | None = None,
+        include_routed_experts: bool | None = None,
     ) -> SampleResponse:
         """Sample ``num_samples`` completions of ``prompt`` (``POST {sampler}/sample``).
 
         Each sequence has its tokens, their logprobs under the untempered model, a
         ``stop_reason`` and the decoded text. With ``include_prompt_logprobs`` (or
         ``topk_prompt_logprobs=k``) the response also has the prompt's logprobs (and the top-k
-        candidates per position). A sampler behind the policy-version floor answers 408; the
-        call retries it (and 502s) with back-off, bounded by ``ready_timeout``.
+        candidates per position). A sampler behind the policy-version floor answers 408, and
+        a starting one 400/404/503; the call retries them (and 502s) with back-off, bounded by
+        ``ready_timeout``.
+
+        ``affinity_key`` (``X-Baseten-Session-ID``) groups requests that should share a
+        replica's prefix cache, e.g. one rollout group; by default every call gets its own.
+        ``include_routed_experts`` asks an MoE sampler where it stored each token's experts.
         """
         return _portal.run(
-            self.sample_async,
-            prompt,
-            num_samples,
-            sampling_params,
-            include_prompt_logprobs,
-            topk_prompt_logprobs,
+            functools.partial(
+                self.sample_async,
+                prompt,
+                num_samples,
+                sampling_params,
+                include_prompt_logprobs,
+                topk_prompt_logprobs,
+                affinity_key=affinity_key,
+                include_routed_experts=include_routed_experts,
+            ),
             twin="sample_async",
         )
 
@@ -378,6 +575,7 @@ class SamplingClient:
                     logprobs=logprobs,
                     stop_reason="stop" if choice.finish_reason == "stop" else "length",
                     text=choice.text,
+                    routed_experts=choice.routed_experts_ref,
                 )
             )
         prompt_lps: list[float | None] | None = None
@@ -387,22 +585,116 @@ class SamplingClient:
             topk = topk_all if k > 0 else None
         return SampleResponse(
             sequences=sequences,
+            prompt_token_ids=answer.choices[0].prompt_token_ids if answer.choices else None,
             prompt_logprobs=prompt_lps,
             topk_prompt_logprobs=topk,
             policy_version=version,
         )
 
-    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
+    async def compute_logprobs_async(
+        self, prompt: ModelInput, *, affinity_key: str | None = None
+    ) -> list[float | None]:
         """Async twin of :meth:`compute_logprobs`."""
         response = await self.sample_async(
-            prompt, 1, SamplingParams(max_tokens=1, temperature=0.0), include_prompt_logprobs=True
+            prompt,
+            1,
+            SamplingParams(max_tokens=1, temperature=0.0),
+            include_prompt_logprobs=True,
+            affinity_key=affinity_key,
         )
         return self._prompt_lps(response)
 
-    def compute_logprobs(self, prompt: ModelInput) -> list[float | None]:
+    def compute_logprobs(
+        self, prompt: ModelInput, *, affinity_key: str | None = None
+    ) -> list[float | None]:
         """The logprob of each prompt token given the ones before it (``None`` for the first),
         under the sampler's current weights."""
-        return _portal.run(self.compute_logprobs_async, prompt, twin="compute_logprobs_async")
+        return _portal.run(
+            functools.partial(self.compute_logprobs_async, prompt, affinity_key=affinity_key),
+            twin="compute_logprobs_async",
+        )
+
+    # ------------------------------------------------------------------ readiness & discovery
+
+    async def ensure_ready_async(self, ready_timeout: float | None = None) -> None:
+        """Async twin of :meth:`ensure_ready`."""
+        if self._deployment is None or self._shared:
+            return
+        window = self._ready_timeout if ready_timeout is None else float(ready_timeout)
+        await wait_deployment_active(self._transport, self._deployment, window)
+
+    def ensure_ready(self, ready_timeout: float | None = None) -> None:
+        """Wait until the sampler's deployment is ACTIVE (waking a scaled-to-zero one), at
+        most ``ready_timeout`` s (default: the client's). A terminal status raises
+        :class:`~loops_async.errors.SamplerTerminatedError`; a deployment-status route that
+        answers 4xx means "no status here" and returns at once. Shared samplers are always
+        ready."""
+        return _portal.run(self.ensure_ready_async, ready_timeout, twin="ensure_ready_async")
+
+    @classmethod
+    def ensure_ready_for_deployment(
+        cls,
+        *,
+        base_model: str,
+        deployment: Any,
+        api_key: str | None = None,
+        ready_timeout: float = 3600.0,
+    ) -> None:
+        """Wait until a sampler deployment is ACTIVE without making a client. ``deployment``
+        has ``base_url``, ``model_id``, ``deployment_id`` and ``api_base_url`` attributes (or
+        is a :class:`SamplerDeployment`)."""
+        target = SamplerDeployment.of(deployment)
+        transport = Transport(api_key=api_key, timeout=30.0, max_connections=4)
+
+        async def wait() -> None:
+            try:
+                await wait_deployment_active(transport, target, float(ready_timeout))
+            finally:
+                await transport.aclose()
+
+        _portal.run(wait, twin="ensure_ready_async")
+        log.debug("sampler for %s is ready", base_model)
+
+    async def _models(self) -> list[dict[str, Any]]:
+        response = await self._transport.send(
+            "GET",
+            f"{self._base_url}/v1/models",
+            SAMPLER_MODELS,
+            window=self._ready_timeout,
+            headers=self._headers,
+        )
+        body = decode_body(msgspec.json.Decoder(), response, "GET /v1/models")
+        data = body.get("data") if isinstance(body, dict) else None
+        return [entry for entry in data or [] if isinstance(entry, dict)]
+
+    async def discover_base_model_name_async(self) -> str:
+        """Async twin of :meth:`discover_base_model_name`."""
+        if self._shared:
+            return self._base_model
+        for entry in await self._models():
+            if entry.get("parent") is None and isinstance(entry.get("id"), str):
+                return str(entry["id"])
+        return self._base_model
+
+    def discover_base_model_name(self) -> str:
+        """The base model's name as the sampler lists it (``GET /v1/models``)."""
+        return _portal.run(
+            self.discover_base_model_name_async, twin="discover_base_model_name_async"
+        )
+
+    async def discover_adapter_name_async(self) -> str | None:
+        """Async twin of :meth:`discover_adapter_name`."""
+        if self._shared:
+            return self.checkpoint_path
+        for entry in await self._models():
+            if entry.get("parent") is not None and isinstance(entry.get("id"), str):
+                return str(entry["id"])
+        return None
+
+    def discover_adapter_name(self) -> str | None:
+        """The adapter the sampler serves (the first model with a parent in
+        ``GET /v1/models``), or ``None`` when it serves the base model only."""
+        return _portal.run(self.discover_adapter_name_async, twin="discover_adapter_name_async")
 
     @staticmethod
     def _prompt_lps(response: SampleResponse) -> list[float | None]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
 
 import anyio
 import anyio.to_thread
@@ -18,7 +19,8 @@ from ._chunking import MergedForwardFuture, encode_datums, split
 from ._codec import encode
 from ._custom import REPLAY_CONFIG, CustomLossFn, custom_weights, replay_data
 from ._custom import finish as finish_custom
-from ._loop import ThreadSafeGate
+from ._http import error_for_response
+from ._loop import ThreadSafeGate, in_event_loop
 from ._operation import APIFuture, ChainedFuture, Endpoint, OperationFuture
 from ._wire import (
     ForwardBackwardRequest,
@@ -26,13 +28,17 @@ from ._wire import (
     LoadStateRequest,
     OpRequest,
     OptimStepRequest,
+    RunInfo,
     SaveStateRequest,
     SaveWeightsForSamplerRequest,
 )
+from .tracking import MetricsSink
 from .types import (
     AdamParams,
     Checkpoint,
-    CheckpointArchive,
+    CheckpointDownload,
+    CheckpointFilesResponse,
+    CheckpointTarget,
     Datum,
     ForwardBackwardOutput,
     GetInfoResponse,
@@ -51,10 +57,45 @@ if TYPE_CHECKING:
     from ._control import Control
     from .sampling import SamplingClient
 
-__all__ = ["TrainingClient"]
+__all__ = ["ForwardBackwardFuture", "TrainingClient"]
 
 T = TypeVar("T")
+F = TypeVar("F", bound=APIFuture[Any])
 log = logging.getLogger("loops_async")
+
+SAMPLER_VERSION_CEILING = 600.0
+"""Longest wait for the paired sampler to report a published version (the seed page's
+ceiling); a longer wait raises :class:`~loops_async.errors.OperationTimeoutError`."""
+METRICS_FLUSH_TIMEOUT = 30.0
+"""How long ``close()`` retrieves unread results so their metrics reach the sinks."""
+_METRIC_PREFIXES = {
+    "forward_backward": "train/",
+    "forward": "eval/",
+    "optim_step": "optim/",
+}
+
+
+@runtime_checkable
+class ForwardBackwardFuture(Protocol):
+    """What ``forward``, ``forward_backward`` and ``forward_backward_custom`` return: an
+    :class:`~loops_async.APIFuture` of a :class:`~loops_async.ForwardBackwardOutput`, whether
+    the batch went as one operation or was split into several."""
+
+    @property
+    def operation_id(self) -> str:
+        """The server's id of the (first) operation."""
+
+    def result(self, timeout: float | None = None) -> ForwardBackwardOutput:
+        """Block until the result is here and return it."""
+
+    async def result_async(self, timeout: float | None = None) -> ForwardBackwardOutput:
+        """Wait for the result on the current event loop."""
+
+    def done(self) -> bool:
+        """Whether the result is already here (no I/O)."""
+
+    def __await__(self) -> Generator[Any, None, ForwardBackwardOutput]:
+        """``await future``: the result."""
 
 
 class TrainingClient:
@@ -67,7 +108,8 @@ class TrainingClient:
     may be in flight: queue ``forward_backward`` and ``optim_step`` back to back, then await.
 
     The client sends a ``/health`` heartbeat every ``heartbeat_interval`` seconds while open.
-    ``close()`` / ``aclose()`` (or ``with`` / ``async with``) stop it.
+    ``close()`` / ``aclose()`` (or ``with`` / ``async with``) stop it, and finish its metrics
+    sinks (Weights & Biases, :mod:`loops_async.tracking`).
     """
 
     def __init__(
@@ -75,9 +117,13 @@ class TrainingClient:
         *,
         control: Control,
         endpoint: Endpoint,
-        run_id: str,
+        run_id: str | None,
         base_model: str,
         lora_rank: int,
+        max_seq_len: int | None = None,
+        base_checkpoint: str | None = None,
+        sampler_timeout: float | None = None,
+        sampler_num_replicas: int | None = None,
     ) -> None:
         self._control = control
         self._max_request_bytes = control.settings.max_request_bytes
@@ -85,6 +131,13 @@ class TrainingClient:
         self._run_id = run_id
         self._base_model = base_model
         self._lora_rank = lora_rank
+        self._max_seq_len = max_seq_len
+        self._base_checkpoint = base_checkpoint
+        self._sampler_timeout = sampler_timeout
+        self._sampler_num_replicas = sampler_num_replicas
+        self._sinks: list[MetricsSink] = []
+        self._unlogged: set[APIFuture[Any]] = set()
+        """Tracked futures whose metrics were not logged yet (held until then, or close)."""
         self._gate = ThreadSafeGate(first=1)
         self._state_lock = threading.Lock()
         self._policy_version = 0
@@ -104,9 +157,15 @@ class TrainingClient:
     # ------------------------------------------------------------------ properties
 
     @property
-    def run_id(self) -> str:
-        """The id of the training run (sent as ``X-Run-Id``)."""
+    def run_id(self) -> str | None:
+        """The id of the training run (sent as ``X-Run-Id``; ``None`` for a trainer of
+        ``ServiceClient.local`` that has none)."""
         return self._run_id
+
+    @property
+    def base_checkpoint(self) -> str | None:
+        """The checkpoint the run's base weights came from (``base_checkpoint=``), if any."""
+        return self._base_checkpoint
 
     @property
     def base_model(self) -> str:
@@ -159,6 +218,7 @@ class TrainingClient:
                 endpoint=self._endpoint,
                 result_type=result_type,
                 transform=transform,
+                operation=op,
             )
             if accepted is not None:
                 accepted(future)  # in seq order: before the next seq may go
@@ -178,12 +238,13 @@ class TrainingClient:
         _portal.ensure_sync_context(twin)
         seq, body = self._prepare(build)
         try:
-            return _portal.run(
+            future = _portal.run(
                 self._submit, op, seq, body, result_type, transform, accepted, twin=twin
             )
         except BaseException:
             self._gate.release(seq)  # idempotent; covers a call that never started
             raise
+        return self._tracked(op, future)
 
     async def _call_async(
         self,
@@ -194,7 +255,9 @@ class TrainingClient:
         accepted: Callable[[OperationFuture[T]], None] | None = None,
     ) -> OperationFuture[T]:
         seq, body = self._prepare(build)
-        return await self._submit(op, seq, body, result_type, transform, accepted)
+        return self._tracked(
+            op, await self._submit(op, seq, body, result_type, transform, accepted)
+        )
 
     def _prepare_plan(self, plan: _ForwardPlan) -> tuple[int, list[bytes]]:
         """Reserve one ``seq_id`` per chunk (contiguous, in the caller's thread) and encode."""
@@ -228,7 +291,10 @@ class TrainingClient:
                     return  # an earlier chunk was rejected: send none after it
                 operation_id = await self._endpoint.submit(op, bodies[index])
                 futures[index] = OperationFuture(
-                    operation_id, endpoint=self._endpoint, result_type=ForwardBackwardOutput
+                    operation_id,
+                    endpoint=self._endpoint,
+                    result_type=ForwardBackwardOutput,
+                    operation=op,
                 )
             except Exception:
                 rejected = True  # before the gate lets the next chunk go
@@ -258,19 +324,80 @@ class TrainingClient:
         _portal.ensure_sync_context(twin)
         first, bodies = self._prepare_plan(plan)
         try:
-            return _portal.run(self._submit_plan, op, first, bodies, plan, twin=twin)
+            future = _portal.run(self._submit_plan, op, first, bodies, plan, twin=twin)
         except BaseException:
             self._release_range(first, len(bodies))
             raise
+        return self._tracked(op, future)
 
     async def _call_plan_async(
         self, op: str, plan: _ForwardPlan
     ) -> APIFuture[ForwardBackwardOutput]:
         first, bodies = self._prepare_plan(plan)
-        return await self._submit_plan(op, first, bodies, plan)
+        return self._tracked(op, await self._submit_plan(op, first, bodies, plan))
 
     def _op_fields(self, seq: int) -> dict[str, Any]:
         return {"seq_id": seq, "run_id": self._run_id, "model": self._base_model}
+
+    # ------------------------------------------------------------------ metrics
+
+    def add_metrics_sink(self, sink: MetricsSink) -> None:
+        """Log every later operation's metrics to ``sink`` (see :mod:`loops_async.tracking`):
+        ``train/*`` for ``forward_backward``, ``eval/*`` for ``forward``, ``optim/*`` for
+        ``optim_step``, each at the optimizer step it belongs to. ``close()`` closes it."""
+        if not isinstance(sink, MetricsSink):
+            raise errors.ValidationError(
+                f"sink: expected an object with log(metrics, *, step) and close(), got {sink!r}"
+            )
+        self._sinks.append(sink)
+
+    def _track(self, sink: MetricsSink) -> None:
+        self.add_metrics_sink(sink)
+
+    def _tracked(self, op: str, future: F) -> F:
+        """Log ``future``'s metrics to the sinks when its result arrives."""
+        prefix = _METRIC_PREFIXES.get(op)
+        if not self._sinks or prefix is None:
+            return future
+        step = self._policy_version + (0 if op == "optim_step" else 1)
+        self._unlogged.add(future)
+
+        def record(result: Any) -> None:
+            self._unlogged.discard(future)
+            metrics: dict[str, float] = {}
+            if isinstance(result, ForwardBackwardOutput):
+                metrics[f"{prefix}loss"] = float(result.loss)
+            values = getattr(result, "metrics", None) or {}
+            for key, value in values.items():
+                if isinstance(value, int | float):
+                    metrics[f"{prefix}{key}"] = float(value)
+            at = int(values.get("step", step)) if op == "optim_step" else step
+            for sink in list(self._sinks):
+                sink.log(metrics, step=at)
+
+        future._observe(record)
+        return future
+
+    async def _flush_metrics(self, timeout: float = METRICS_FLUSH_TIMEOUT) -> None:
+        """Retrieve (for at most ``timeout`` s) results nobody read, so their metrics are
+        logged before the sinks close."""
+        pending = [f for f in list(self._unlogged) if not f.done()]
+        if not pending:
+            return
+        with anyio.move_on_after(timeout):
+            for future in pending:
+                try:
+                    await future.result_async()
+                except errors.LoopsError:
+                    pass  # a failed op has no metrics; the caller sees its error
+
+    def _close_sinks(self) -> None:
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception:
+                log.warning("closing the metrics sink %r failed", sink, exc_info=True)
 
     # ------------------------------------------------------------------ state hooks
     # ``_accepted_*`` run when the server accepts an operation, in seq order (the trainer runs
@@ -377,7 +504,7 @@ class TrainingClient:
         )
 
     def _load_builder(self, path: str) -> Callable[[int], OpRequest]:
-        path = _validate.check_checkpoint_path(path)
+        path = _validate.check_load_path(path)
         return lambda seq: LoadStateRequest(**self._op_fields(seq), path=path)
 
     # ------------------------------------------------------------------ operations
@@ -416,7 +543,6 @@ class TrainingClient:
         data: Sequence[Datum],
         loss_fn: str = "cross_entropy",
         loss_fn_config: dict[str, Any] | None = None,
-        *,
         top_k_logprobs: int = 0,
     ) -> APIFuture[ForwardBackwardOutput]:
         """Compute the loss on ``data`` and accumulate its gradient (``POST /forward_backward``).
@@ -435,7 +561,6 @@ class TrainingClient:
         data: Sequence[Datum],
         loss_fn: str = "cross_entropy",
         loss_fn_config: dict[str, Any] | None = None,
-        *,
         top_k_logprobs: int = 0,
     ) -> APIFuture[ForwardBackwardOutput]:
         """Async twin of :meth:`forward_backward`: returns once the server accepted it."""
@@ -448,7 +573,6 @@ class TrainingClient:
         data: Sequence[Datum],
         loss_fn: str = "cross_entropy",
         loss_fn_config: dict[str, Any] | None = None,
-        *,
         top_k_logprobs: int = 0,
     ) -> APIFuture[ForwardBackwardOutput]:
         """Compute the loss and logprobs on ``data`` without touching gradients
@@ -464,7 +588,6 @@ class TrainingClient:
         data: Sequence[Datum],
         loss_fn: str = "cross_entropy",
         loss_fn_config: dict[str, Any] | None = None,
-        *,
         top_k_logprobs: int = 0,
     ) -> APIFuture[ForwardBackwardOutput]:
         """Async twin of :meth:`forward`."""
@@ -473,9 +596,13 @@ class TrainingClient:
         )
 
     async def forward_backward_custom_async(
-        self, data: Sequence[Datum], loss_fn: CustomLossFn
+        self, data: Sequence[Datum], loss_fn: CustomLossFn, *, loss_type_input: str = "logprobs"
     ) -> APIFuture[ForwardBackwardOutput]:
         """Async twin of :meth:`forward_backward_custom`."""
+        if loss_type_input != "logprobs":
+            raise errors.ValidationError(
+                f"loss_type_input: only 'logprobs' is supported, got {loss_type_input!r}"
+            )
         datums = _validate.check_data(data, "cross_entropy")
         if not callable(loss_fn):
             raise errors.ValidationError(f"loss_fn: expected a callable, got {loss_fn!r}")
@@ -500,10 +627,12 @@ class TrainingClient:
         async def merge(out: ForwardBackwardOutput) -> ForwardBackwardOutput:
             return finish_custom(out, loss, metrics)
 
-        return ChainedFuture(replay, merge, what="forward_backward_custom")
+        return self._tracked(
+            "forward_backward", ChainedFuture(replay, merge, what="forward_backward_custom")
+        )
 
     def forward_backward_custom(
-        self, data: Sequence[Datum], loss_fn: CustomLossFn
+        self, data: Sequence[Datum], loss_fn: CustomLossFn, *, loss_type_input: str = "logprobs"
     ) -> APIFuture[ForwardBackwardOutput]:
         """Accumulate the gradient of a loss computed on the client with torch.
 
@@ -514,10 +643,14 @@ class TrainingClient:
         (and ``skip_token_normalization``, so the gradient is applied as is) replays it on the
         server. Returns once the replay is submitted; the future's result carries the custom
         loss and the user's metrics. Do not mix it with normalised losses before the next
-        ``optim_step``. Needs torch.
+        ``optim_step``. Needs torch. ``loss_type_input`` says what ``loss_fn`` receives; only
+        ``"logprobs"`` exists.
         """
         return _portal.run(
-            self.forward_backward_custom_async, data, loss_fn, twin="forward_backward_custom_async"
+            functools.partial(
+                self.forward_backward_custom_async, data, loss_fn, loss_type_input=loss_type_input
+            ),
+            twin="forward_backward_custom_async",
         )
 
     def optim_step(self, adam_params: AdamParams) -> OperationFuture[OptimStepResponse]:
@@ -549,14 +682,16 @@ class TrainingClient:
     ) -> OperationFuture[SaveWeightsResponse]:
         """Save adapter and optimizer state as ``name`` (``POST /save_state``).
 
-        The result's ``path`` (``bt://loops:<run>/weights/<name>``) can be passed to
-        :meth:`load_state` / :meth:`load_state_with_optimizer`.
+        The result's ``path`` (``bt://loops:<run>/weights/<name>``; derived by the client when
+        an older trainer omits it) can be passed to :meth:`load_state` /
+        :meth:`load_state_with_optimizer`.
         """
         return self._call(
             "save_state_async",
             "save_state",
             self._save_builder(name, ttl_seconds),
             SaveWeightsResponse,
+            self._saved_path(name),
         )
 
     async def save_state_async(
@@ -564,7 +699,10 @@ class TrainingClient:
     ) -> OperationFuture[SaveWeightsResponse]:
         """Async twin of :meth:`save_state`."""
         return await self._call_async(
-            "save_state", self._save_builder(name, ttl_seconds), SaveWeightsResponse
+            "save_state",
+            self._save_builder(name, ttl_seconds),
+            SaveWeightsResponse,
+            self._saved_path(name),
         )
 
     def save_weights_for_sampler(
@@ -581,25 +719,32 @@ class TrainingClient:
             "save_weights_for_sampler",
             self._publish_builder(name, ttl_seconds, bump_version),
             SaveWeightsForSamplerResponse,
-            self._after_publish if bump_version else None,
+            self._published(name, bump_version),
             self._accepted_publish if bump_version else None,
         )
 
     async def save_weights_for_sampler_async(
-        self, name: str, ttl_seconds: int | None = None, *, bump_version: bool = False
+        self,
+        name: str = "default",
+        ttl_seconds: int | None = None,
+        *,
+        bump_version: bool = False,
     ) -> OperationFuture[SaveWeightsForSamplerResponse]:
-        """Async twin of :meth:`save_weights_for_sampler`."""
+        """Async twin of :meth:`save_weights_for_sampler` (``name`` defaults to
+        ``"default"``, as upstream)."""
         return await self._call_async(
             "save_weights_for_sampler",
             self._publish_builder(name, ttl_seconds, bump_version),
             SaveWeightsForSamplerResponse,
-            self._after_publish if bump_version else None,
+            self._published(name, bump_version),
             self._accepted_publish if bump_version else None,
         )
 
     def load_state(self, path: str) -> OperationFuture[LoadWeightsResponse]:
-        """Load adapter weights from a ``save_state`` path; the optimizer state and step reset
-        (``POST /load_state``)."""
+        """Load adapter weights from a checkpoint; the optimizer state and step reset
+        (``POST /load_state``). ``path`` is a ``bt://`` URI (any run's ``save_state`` or
+        sampler checkpoint), a ``file://`` URL or a local directory (made absolute), or an
+        ``s3://`` URI where the server can read one."""
         return self._call(
             "load_state_async",
             "load_state",
@@ -618,8 +763,9 @@ class TrainingClient:
         )
 
     def load_state_with_optimizer(self, path: str) -> OperationFuture[LoadWeightsResponse]:
-        """Load adapter weights, Adam moments and the step counter from a ``save_state`` path
-        (``POST /load_state_with_optimizer``), to resume training exactly."""
+        """Load adapter weights, Adam moments and the step counter from a ``save_state``
+        checkpoint (``POST /load_state_with_optimizer``; paths as in :meth:`load_state`), to
+        resume training exactly."""
         return self._call(
             "load_state_with_optimizer_async",
             "load_state_with_optimizer",
@@ -639,47 +785,102 @@ class TrainingClient:
             *self._load_hooks(path),
         )
 
+    # ------------------------------------------------------------------ derived paths
+
+    def _derived(self, kind: str, name: str) -> str | None:
+        return None if self._run_id is None else f"bt://loops:{self._run_id}/{kind}/{name}"
+
+    def _saved_path(self, name: str) -> Callable[[SaveWeightsResponse], SaveWeightsResponse]:
+        def hook(result: SaveWeightsResponse) -> SaveWeightsResponse:
+            derived = self._derived("weights", name)
+            if not result.path and derived is not None:
+                return msgspec.structs.replace(result, path=derived)
+            return result
+
+        return hook
+
+    def _published(
+        self, name: str, bump_version: bool
+    ) -> Callable[[SaveWeightsForSamplerResponse], SaveWeightsForSamplerResponse]:
+        """Older trainers answer without ``path`` (PROTOCOL §8): derive it; record the
+        published version of a ``bump_version`` publish."""
+
+        def hook(result: SaveWeightsForSamplerResponse) -> SaveWeightsForSamplerResponse:
+            derived = self._derived("sampler_weights", name)
+            if derived is not None and not result.path.startswith(derived.rsplit("/", 1)[0]):
+                result = msgspec.structs.replace(result, path=derived)
+            return self._after_publish(result) if bump_version else result
+
+        return hook
+
     # ------------------------------------------------------------------ sampling
 
-    async def _sampler_at_version(self, published: SaveWeightsForSamplerResponse) -> SamplingClient:
-        """Wait until the paired sampler serves ``published.version``; a client pinned there."""
+    async def _sampler_at_version(
+        self, client: SamplingClient, published: SaveWeightsForSamplerResponse
+    ) -> SamplingClient:
+        """Wait until the paired sampler serves ``published.version`` (shared samplers are
+        pinned by path: nothing to wait for); returns ``client``."""
         version = published.version or 0
-        sampler = await self._control.paired_sampler(self._run_id)
-        headers = {"X-Run-Id": self._run_id}
-        if sampler.model_id is None:  # shared: pinned to the published path, nothing to wait for
-            return self._control.sampling_client(
-                sampler, self._base_model, headers, pin=published.path
-            )
-        if version > 0:
-            await self._control.wait_policy_version(sampler, self._run_id, version)
-            headers["X-Min-Policy-Version"] = str(version)
-        return self._control.sampling_client(sampler, self._base_model, headers)
+        client._pin_version(version, published.path)
+        if version > 0 and not client._shared:
+            sampler = await self._control.paired_sampler(self._run_id)
+            with anyio.fail_after(SAMPLER_VERSION_CEILING):
+                await self._control.wait_policy_version(sampler, self._run_id, version)
+        return client
 
-    def _publish_name(self, name: str | None) -> str:
-        return f"policy-{uuid.uuid4().hex[:12]}" if name is None else name
-
-    def save_weights_and_get_sampling_client(
-        self, name: str | None = None
-    ) -> APIFuture[SamplingClient]:
-        """Publish the adapter for sampling and get a client that samples from exactly it.
-
-        Submits ``save_weights_for_sampler`` with ``bump_version: true`` now; the returned
-        future's ``.result(timeout)`` waits for it, then until the paired sampler serves the new
-        policy version (bounded by ``ready_timeout`` and by ``timeout``), and gives a
-        :class:`SamplingClient` that sends ``X-Min-Policy-Version: <version>`` on every sample
-        (no floor for version 0, the base model). ``name`` defaults to a fresh unique name.
-        """
-        publish = self.save_weights_for_sampler(self._publish_name(name), bump_version=True)
-        return ChainedFuture(publish, self._sampler_at_version, what="publish and sampler")
+    def _unique_name(self, name: str, shared: bool) -> str:
+        """Shared samplers cache adapters by name: publish each version under a new one."""
+        name = _validate.check_checkpoint_name(name)
+        return f"{name}-{uuid.uuid4().hex}" if shared else name
 
     async def save_weights_and_get_sampling_client_async(
-        self, name: str | None = None
-    ) -> APIFuture[SamplingClient]:
+        self, name: str = "default"
+    ) -> SamplingClient:
         """Async twin of :meth:`save_weights_and_get_sampling_client`."""
-        publish = await self.save_weights_for_sampler_async(
-            self._publish_name(name), bump_version=True
+        self._check_open()
+        sampler = await self._control.paired_sampler(
+            self._run_id, num_replicas=self._sampler_num_replicas
         )
-        return ChainedFuture(publish, self._sampler_at_version, what="publish and sampler")
+        shared = sampler.model_id is None
+        name = self._unique_name(name, shared)
+        publish = await self.save_weights_for_sampler_async(name, bump_version=True)
+        predicted = self._last_published_version
+        headers = {"X-Run-Id": self._run_id} if self._run_id else {}
+        if not shared and predicted > 0:
+            headers["X-Min-Policy-Version"] = str(predicted)
+        pin = self._derived("sampler_weights", name)
+        client = self._control.sampling_client(
+            sampler,
+            self._base_model,
+            headers,
+            pin=pin if shared else None,
+            sample_timeout=self._sampler_timeout,
+        )
+        client._await_before_sampling(
+            ChainedFuture(
+                publish,
+                functools.partial(self._sampler_at_version, client),
+                what="publish and sampler",
+            )
+        )
+        return client
+
+    def save_weights_and_get_sampling_client(self, name: str = "default") -> SamplingClient:
+        """Publish the adapter for sampling and get a client that samples from exactly it.
+
+        Submits ``save_weights_for_sampler(name, bump_version=True)`` now and returns a
+        :class:`SamplingClient` at once (on a shared sampler the name gets a unique suffix,
+        since shared samplers cache adapters by name). The client is usable immediately: its
+        samples carry ``X-Min-Policy-Version`` (or, on a shared sampler, the published path)
+        and so never see older weights. It is also a future of itself: ``.result(timeout)`` /
+        ``await client`` waits until the publish finished and the paired sampler reports the
+        new policy version (at most 600 s), then returns the same client.
+        """
+        return _portal.run(
+            self.save_weights_and_get_sampling_client_async,
+            name,
+            twin="save_weights_and_get_sampling_client_async",
+        )
 
     async def create_sampling_client_async(self, model_path: str) -> SamplingClient:
         """Async twin of :meth:`create_sampling_client`."""
@@ -690,18 +891,22 @@ class TrainingClient:
             # Its version is predicted at acceptance; the result is exact (e.g. after a
             # load_state_with_optimizer whose step only the checkpoint knows).
             await last.result_async()
-        sampler = await self._control.paired_sampler(self._run_id)
-        headers = {
-            "X-Run-Id": self._run_id,
-            "X-Checkpoint-Path": path,
-            "X-Min-Policy-Version": str(self._last_published_version + 1),
-        }
-        return self._control.sampling_client(sampler, self._base_model, headers, pin=path)
+        await self._control.validate_checkpoint(path, self._run_id)
+        sampler = await self._control.paired_sampler(
+            self._run_id, num_replicas=self._sampler_num_replicas
+        )
+        headers = {"X-Checkpoint-Path": path}
+        if self._run_id:
+            headers["X-Run-Id"] = self._run_id
+        headers["X-Min-Policy-Version"] = str(self._last_published_version + 1)
+        return self._control.sampling_client(
+            sampler, self._base_model, headers, pin=path, sample_timeout=self._sampler_timeout
+        )
 
     def create_sampling_client(self, model_path: str) -> SamplingClient:
-        """A client of this run's sampler that serves checkpoint ``model_path`` until the run
-        publishes a newer policy, then the live adapter (``X-Checkpoint-Path`` plus
-        ``X-Min-Policy-Version: <last published + 1>``)."""
+        """A client of this run's sampler that serves checkpoint ``model_path`` (validated
+        with the control plane first) until the run publishes a newer policy, then the live
+        adapter (``X-Checkpoint-Path`` plus ``X-Min-Policy-Version: <last published + 1>``)."""
         return _portal.run(
             self.create_sampling_client_async, model_path, twin="create_sampling_client_async"
         )
@@ -711,60 +916,137 @@ class TrainingClient:
     async def list_checkpoints_async(self) -> list[Checkpoint]:
         """Async twin of :meth:`list_checkpoints`."""
         self._check_open()
+        if self._run_id is None:
+            raise errors.ValidationError("this trainer has no run id: it has no checkpoints")
         return await self._control.list_checkpoints(self._run_id)
 
     def list_checkpoints(self) -> list[Checkpoint]:
         """The checkpoints this run has saved (``save_state`` and sampler ones)."""
         return _portal.run(self.list_checkpoints_async, twin="list_checkpoints_async")
 
-    async def get_checkpoint_archive_url_async(self, path: str) -> CheckpointArchive:
+    async def get_checkpoint_archive_url_async(
+        self,
+        checkpoint_id: str | None = None,
+        name: str | None = None,
+        target: str | CheckpointTarget | None = None,
+        page_size: int = 1000,
+        page_token: int | str = 0,
+        run_id: str | None = None,
+    ) -> CheckpointFilesResponse:
         """Async twin of :meth:`get_checkpoint_archive_url`."""
         self._check_open()
-        _validate.check_checkpoint_path(path)
-        return await self._control.checkpoint_archive(path)
-
-    def get_checkpoint_archive_url(self, path: str) -> CheckpointArchive:
-        """The download URLs of every file of checkpoint ``path``."""
-        return _portal.run(
-            self.get_checkpoint_archive_url_async, path, twin="get_checkpoint_archive_url_async"
+        resolved = await self._control.resolve_checkpoint(
+            checkpoint_id, name, run_id or self._run_id, target
+        )
+        return await self._control.checkpoint_files(
+            resolved, page_size=page_size, page_token=page_token
         )
 
-    async def download_checkpoint_async(self, path: str, destination: str | Path) -> Path:
+    def get_checkpoint_archive_url(
+        self,
+        checkpoint_id: str | None = None,
+        name: str | None = None,
+        target: str | CheckpointTarget | None = None,
+        page_size: int = 1000,
+        page_token: int | str = 0,
+        run_id: str | None = None,
+    ) -> CheckpointFilesResponse:
+        """One page of presigned download URLs of a checkpoint's files; ``name`` is looked up
+        in this run unless ``run_id`` names another (see
+        :meth:`ServiceClient.get_checkpoint_archive_url`)."""
+        return _portal.run(
+            self.get_checkpoint_archive_url_async,
+            checkpoint_id,
+            name,
+            target,
+            page_size,
+            page_token,
+            run_id,
+            twin="get_checkpoint_archive_url_async",
+        )
+
+    async def download_checkpoint_async(
+        self,
+        checkpoint_id: str | None = None,
+        *,
+        dest_dir: str | Path,
+        name: str | None = None,
+        target: str | CheckpointTarget | None = None,
+        run_id: str | None = None,
+    ) -> CheckpointDownload:
         """Async twin of :meth:`download_checkpoint`."""
         self._check_open()
-        _validate.check_checkpoint_path(path)
-        return await self._control.download_checkpoint(path, destination)
+        resolved = await self._control.resolve_checkpoint(
+            checkpoint_id, name, run_id or self._run_id, target
+        )
+        return await self._control.download_checkpoint(resolved, dest_dir)
 
-    def download_checkpoint(self, path: str, destination: str | Path) -> Path:
-        """Download checkpoint ``path`` into the new directory ``destination``; returns it."""
+    def download_checkpoint(
+        self,
+        checkpoint_id: str | None = None,
+        *,
+        dest_dir: str | Path,
+        name: str | None = None,
+        target: str | CheckpointTarget | None = None,
+        run_id: str | None = None,
+    ) -> CheckpointDownload:
+        """Download a checkpoint's files into ``dest_dir`` (new or empty); ``name`` is looked
+        up in this run unless ``run_id`` names another (see
+        :meth:`ServiceClient.download_checkpoint`)."""
         return _portal.run(
-            self.download_checkpoint_async, path, destination, twin="download_checkpoint_async"
+            functools.partial(
+                self.download_checkpoint_async,
+                checkpoint_id,
+                dest_dir=dest_dir,
+                name=name,
+                target=target,
+                run_id=run_id,
+            ),
+            twin="download_checkpoint_async",
         )
 
     # ------------------------------------------------------------------ plain calls
 
-    async def health_async(self) -> bool:
-        """Whether the trainer answers ``GET /health`` with 200."""
+    async def health_async(self) -> None:
+        """Async twin of :meth:`health`."""
         self._check_open()
-        try:
-            response = await self._endpoint.probe(
-                "health", params={"base_model": self._base_model}, timeout=30.0
-            )
-        except errors.TransportError:
-            return False
-        return bool(response.status_code == 200)
+        response = await self._endpoint.probe(
+            "health", params={"base_model": self._base_model}, timeout=30.0
+        )
+        if response.status_code >= 400:
+            raise error_for_response(response)
 
-    def health(self) -> bool:
-        """Whether the trainer answers ``GET /health`` with 200 (blocking)."""
+    def health(self) -> None:
+        """Check the trainer (``GET /health``): returns ``None`` when it is healthy; raises
+        :class:`~loops_async.errors.APIStatusError` on an error status and
+        :class:`~loops_async.errors.TransportError` when it cannot be reached."""
         return _portal.run(self.health_async, twin="health_async")
 
+    async def ensure_ready_async(self, ready_timeout: float | None = None) -> None:
+        """Async twin of :meth:`ensure_ready`."""
+        self._check_open()
+        window = _validate.check_seconds(ready_timeout, "ready_timeout")
+        run = RunInfo(
+            id=self._run_id or "", base_model=self._base_model, base_url=self._endpoint.base_url
+        )
+        await self._control.wait_trainer_ready(self._endpoint, run, ready_timeout=window)
+
+    def ensure_ready(self, ready_timeout: float | None = None) -> None:
+        """Wait until the trainer answers ``/health`` (a restarted or scaled trainer comes
+        back), at most ``ready_timeout`` seconds (default: the client's ``ready_timeout``);
+        raises :class:`~loops_async.errors.OperationTimeoutError` after that."""
+        return _portal.run(self.ensure_ready_async, ready_timeout, twin="ensure_ready_async")
+
     def get_info(self) -> GetInfoResponse:
-        """What this client knows about its run (no I/O)."""
+        """What this client knows about its run (no I/O): base model, LoRA rank,
+        ``max_seq_len`` (``None``: the model's own), run id and trainer URL."""
         return GetInfoResponse(
-            model_id=self._run_id,
-            model_name=self._base_model,
-            lora_rank=self._lora_rank,
             model_data=ModelData(model_name=self._base_model, tokenizer_id=self._base_model),
+            model_name=self._base_model,
+            is_lora=True,
+            lora_rank=self._lora_rank,
+            max_seq_len=self._max_seq_len,
+            model_id=self._run_id,
             base_url=self._endpoint.base_url,
         )
 
@@ -780,8 +1062,12 @@ class TrainingClient:
     async def _heartbeat_loop(self, interval: float) -> None:
         while not self._closed:
             await anyio.sleep(interval)
-            if not self._closed and not await self.health_async():
-                log.warning("trainer %s did not answer its heartbeat", self._run_id)
+            if self._closed:
+                return
+            try:
+                await self.health_async()
+            except (errors.APIStatusError, errors.TransportError) as exc:
+                log.warning("trainer %s did not answer its heartbeat: %s", self._run_id, exc)
 
     def _start_heartbeat(self, interval: float) -> None:
         if interval > 0:
@@ -797,26 +1083,35 @@ class TrainingClient:
         return task
 
     async def aclose(self) -> None:
-        """Stop the heartbeat; later calls raise :class:`~loops_async.errors.ClientClosedError`.
+        """Stop the heartbeat, log the metrics of results nobody read (briefly) and close the
+        metrics sinks; later calls raise :class:`~loops_async.errors.ClientClosedError`.
 
         The HTTP connections belong to the :class:`ServiceClient` and stay open for it.
         """
         self._mark_closed()
+        if self._sinks:
+            with anyio.CancelScope(shield=True):
+                await self._flush_metrics()
+                await anyio.to_thread.run_sync(self._close_sinks)
 
     def close(self) -> None:
-        """Blocking twin of :meth:`aclose`."""
+        """Blocking twin of :meth:`aclose` (inside an event loop it skips the flush)."""
         self._mark_closed()
+        if self._sinks:
+            if not in_event_loop() and any(not f.done() for f in list(self._unlogged)):
+                _portal.run(self._flush_metrics, twin="aclose")
+            self._close_sinks()
 
     def __enter__(self) -> TrainingClient:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, exc_val: object, exc_tb: object) -> None:
         self.close()
 
     async def __aenter__(self) -> TrainingClient:
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: object, exc_val: object, exc_tb: object) -> None:
         await self.aclose()
 
 

@@ -7,8 +7,10 @@ elements. Response types tolerate unknown fields and missing optional fields.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias
 
 import msgspec
@@ -21,24 +23,32 @@ if TYPE_CHECKING:
 __all__ = [
     "AdamParams",
     "ArrayData",
+    "AvailabilityModel",
     "Checkpoint",
-    "CheckpointArchive",
+    "CheckpointDownload",
     "CheckpointFile",
+    "CheckpointFilesResponse",
+    "CheckpointTarget",
     "Chunk",
     "DType",
     "Datum",
     "EncodedTextChunk",
+    "ExternalRef",
     "ForwardBackwardOutput",
     "GetInfoResponse",
+    "ImageAssetPointerChunk",
     "ImageChunk",
     "InitTrainerServerResponse",
     "LoadWeightsResponse",
+    "LoraAdapterConfig",
     "LossFnType",
     "ModelData",
     "ModelInput",
+    "ModelInputChunk",
     "OptimStepResponse",
     "SampleResponse",
     "SampledSequence",
+    "SamplerScope",
     "SamplingParams",
     "SaveWeightsForSamplerResponse",
     "SaveWeightsResponse",
@@ -46,6 +56,8 @@ __all__ = [
     "StopReason",
     "SupportedModel",
     "TensorData",
+    "TrainerScope",
+    "WandbConfig",
 ]
 
 DType: TypeAlias = Literal["int64", "int32", "float32", "float16", "bfloat16", "float64", "bool"]
@@ -199,12 +211,14 @@ class TensorData(msgspec.Struct, kw_only=True):
     @classmethod
     def from_list(
         cls,
-        values: Sequence[Any],
-        dtype: DType | None = None,
+        data: Sequence[Any],
+        dtype: DType | None = "float32",
         shape: Sequence[int] | None = None,
     ) -> TensorData:
-        """Build from a flat or nested list. ``dtype`` is inferred when omitted."""
-        arr = np.asarray(values, dtype=_numpy_dtype(dtype) if dtype else None)
+        """Build from a flat or nested list (``shape`` inferred unless given). ``dtype``
+        defaults to ``float32`` as in the official SDK; pass ``None`` to infer it (integers
+        become ``int64``)."""
+        arr = np.asarray(data, dtype=_numpy_dtype(dtype) if dtype else None)
         if shape is not None:
             arr = arr.reshape(tuple(shape))
         if dtype is None and arr.dtype.kind == "f":
@@ -246,7 +260,7 @@ def _as_tensor_data(value: object) -> TensorData:
     if isinstance(value, np.ndarray):
         return TensorData.from_numpy(value)
     if isinstance(value, list | tuple):
-        return TensorData.from_list(value)
+        return TensorData.from_list(value, dtype=None)
     if type(value).__module__.startswith("torch"):
         return TensorData.from_torch(value)  # type: ignore[arg-type]
     raise TypeError(
@@ -258,6 +272,11 @@ class EncodedTextChunk(msgspec.Struct, tag="encoded_text", tag_field="type", kw_
     """A run of token ids."""
 
     tokens: list[int]
+
+    @property
+    def type(self) -> Literal["encoded_text"]:
+        """The chunk kind on the wire (``"encoded_text"``)."""
+        return "encoded_text"
 
     @property
     def length(self) -> int:
@@ -274,19 +293,64 @@ class ImageChunk(msgspec.Struct, tag="image", tag_field="type", kw_only=True):
     expected_tokens: int
 
     @property
+    def type(self) -> Literal["image"]:
+        """The chunk kind on the wire (``"image"``)."""
+        return "image"
+
+    @property
     def length(self) -> int:
         """Number of model positions the image occupies."""
         return self.expected_tokens
 
+    @classmethod
+    def from_bytes(
+        cls, raw: bytes, fmt: Literal["png", "jpeg"], expected_tokens: int
+    ) -> ImageChunk:
+        """An image chunk from encoded image bytes ``raw`` in format ``fmt``."""
+        return cls(data=bytes(raw), format=fmt, expected_tokens=expected_tokens)
 
-Chunk: TypeAlias = EncodedTextChunk | ImageChunk
+    def to_bytes(self) -> bytes:
+        """The encoded image bytes."""
+        return self.data
+
+
+class ImageAssetPointerChunk(
+    msgspec.Struct, tag="image_asset_pointer", tag_field="type", kw_only=True
+):
+    """An image referenced by location instead of carried inline. Defined for wire
+    compatibility; no Loops service accepts it yet, so constructing one raises
+    :class:`ValueError` (as in the official SDK)."""
+
+    format: Literal["png", "jpeg"]
+    location: str
+    expected_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        raise ValueError(
+            "ImageAssetPointerChunk is not supported yet: send the image inline as an ImageChunk"
+        )
+
+    @property
+    def type(self) -> Literal["image_asset_pointer"]:
+        """The chunk kind on the wire (``"image_asset_pointer"``)."""
+        return "image_asset_pointer"
+
+    @property
+    def length(self) -> int:
+        """Number of model positions the image occupies."""
+        return self.expected_tokens or 0
+
+
+ModelInputChunk: TypeAlias = EncodedTextChunk | ImageChunk | ImageAssetPointerChunk
+"""One piece of a :class:`ModelInput` (the official SDK's name)."""
+Chunk: TypeAlias = ModelInputChunk
 """One piece of a :class:`ModelInput`."""
 
 
 class ModelInput(msgspec.Struct, kw_only=True):
     """The input sequence of a datum or a prompt: a list of chunks."""
 
-    chunks: list[Chunk]
+    chunks: list[Chunk] = msgspec.field(default_factory=list)
 
     @classmethod
     def from_ints(cls, tokens: Iterable[int] | npt.NDArray[np.integer[Any]]) -> ModelInput:
@@ -328,6 +392,17 @@ class ModelInput(msgspec.Struct, kw_only=True):
         return self.append(EncodedTextChunk(tokens=[int(token)]))
 
 
+class ExternalRef(msgspec.Struct, kw_only=True):
+    """A versioned reference to data stored by the service (e.g. routed experts)."""
+
+    uri: str
+    version: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise ValueError(f"version: must be an integer >= 1, got {self.version!r}")
+
+
 class Datum(msgspec.Struct, kw_only=True):
     """One training example: the input sequence and the loss function's per-position inputs.
 
@@ -338,8 +413,9 @@ class Datum(msgspec.Struct, kw_only=True):
     """
 
     model_input: ModelInput
-    loss_fn_inputs: dict[str, TensorData]
-    routed_experts_ref: Any = None
+    loss_fn_inputs: dict[str, TensorData] = msgspec.field(default_factory=dict)
+    routed_experts_ref: ExternalRef | None = None
+    """Where the sampler stored the routed experts of this sequence (MoE models)."""
 
     def __post_init__(self) -> None:
         inputs = self.loss_fn_inputs
@@ -387,15 +463,17 @@ class OptimStepResponse(msgspec.Struct, kw_only=True):
 class SaveWeightsResponse(msgspec.Struct, kw_only=True):
     """Result of ``save_state``: the ``bt://loops:<run>/weights/<name>`` path."""
 
-    path: str
-    mode: str | None = None
+    path: str = ""
+    """``bt://loops:<run>/weights/<name>`` (derived by the client when a trainer omits it)."""
+    mode: str = ""
 
 
 class SaveWeightsForSamplerResponse(msgspec.Struct, kw_only=True):
     """Result of ``save_weights_for_sampler``: the ``.../sampler_weights/<name>`` path and the
     policy version at the moment of the call."""
 
-    path: str
+    path: str = ""
+    """``bt://loops:<run>/sampler_weights/<name>`` (derived by the client when omitted)."""
     version: int | None = None
 
 
@@ -417,32 +495,60 @@ class InitTrainerServerResponse(msgspec.Struct, kw_only=True):
 class ModelData(msgspec.Struct, kw_only=True):
     """Static facts about the base model of a run."""
 
-    model_name: str
-    tokenizer_id: str
+    model_name: str | None = None
+    tokenizer_id: str | None = None
     arch: str | None = None
 
 
 class GetInfoResponse(msgspec.Struct, kw_only=True):
     """What ``TrainingClient.get_info()`` reports about its run."""
 
-    model_id: str
-    model_name: str
-    lora_rank: int
-    model_data: ModelData
-    is_lora: bool = True
+    model_data: ModelData = msgspec.field(default_factory=ModelData)
+    model_name: str | None = None
+    is_lora: bool | None = None
+    lora_rank: int | None = None
+    max_seq_len: int | None = None
+    """The longest sequence the trainer was asked to accept (``None``: the model's own)."""
+    model_id: str | None = None
+    """The run id."""
     base_url: str | None = None
+
+
+class LoraAdapterConfig(msgspec.Struct, kw_only=True):
+    """The LoRA configuration of a checkpoint (``{"r": rank}`` on the wire)."""
+
+    r: int
+    """The LoRA rank."""
+
+    @property
+    def rank(self) -> int:
+        """The LoRA rank (the official SDK's attribute name)."""
+        return self.r
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style access, for code written against the plain JSON (``config.get("r")``)."""
+        return self.r if key == "r" else default
+
+
+class CheckpointTarget(enum.StrEnum):
+    """What a checkpoint was saved for."""
+
+    sampler = "sampler"
+    """``save_weights_for_sampler``: the adapter only."""
+    trainer = "trainer"
+    """``save_state``: adapter and optimizer state."""
 
 
 class Checkpoint(msgspec.Struct, kw_only=True):
     """A saved checkpoint as listed by the control plane (PROTOCOL.md §7)."""
 
-    id: str
+    id: str = ""
     run_id: str
     checkpoint_id: str
     checkpoint_type: str | None = None
     created_at: str | None = None
     base_model: str | None = None
-    lora_adapter_config: dict[str, Any] | None = None
+    lora_adapter_config: LoraAdapterConfig | None = None
     size_bytes: int | None = None
     sync_status: str | None = None
     target: str | None = None
@@ -476,15 +582,21 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     top_k: int = -1
     stop: str | list[str] | list[int] | None = None
     seed: int | None = None
+    structured_outputs: dict[str, Any] | None = None
+    """Constrained decoding (vLLM's ``structured_outputs``: ``json``, ``regex``, ``choice``,
+    ...), sent as is; a sampler that does not support it answers 422."""
 
 
 class SampledSequence(msgspec.Struct, kw_only=True):
     """One completion: its token ids, their logprobs, why it stopped, and its text."""
 
-    tokens: list[int]
+    tokens: list[int] = msgspec.field(default_factory=list)
     logprobs: list[float] | None = None
     stop_reason: StopReason = "length"
     text: str | None = None
+    routed_experts: ExternalRef | None = None
+    """Where the sampler stored the experts each token was routed to (MoE models, when asked
+    with ``include_routed_experts``)."""
 
 
 class SampleResponse(msgspec.Struct, kw_only=True):
@@ -495,7 +607,9 @@ class SampleResponse(msgspec.Struct, kw_only=True):
     most likely first. ``policy_version`` is the adapter version that served the request.
     """
 
-    sequences: list[SampledSequence]
+    sequences: list[SampledSequence] = msgspec.field(default_factory=list)
+    prompt_token_ids: list[int] | None = None
+    """The prompt's token ids, when the sampler echoes them."""
     prompt_logprobs: list[float | None] | None = None
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
     policy_version: int | None = None
@@ -514,12 +628,21 @@ class CheckpointFile(msgspec.Struct, kw_only=True):
     last_modified: str | None = None
 
 
-class CheckpointArchive(msgspec.Struct, kw_only=True):
-    """Where to download a checkpoint: Loops serves a checkpoint as a set of file URLs
-    (e.g. ``adapter_model.safetensors``, ``adapter_config.json``) rather than one archive."""
+class CheckpointFilesResponse(msgspec.Struct, kw_only=True):
+    """One page of a checkpoint's files (``get_checkpoint_archive_url``): presigned download
+    URLs, the token of the next page (``None`` on the last) and the total number of files."""
 
-    checkpoint: Checkpoint
-    files: list[CheckpointFile]
+    presigned_urls: list[CheckpointFile] = msgspec.field(default_factory=list)
+    next_page_token: int | str | None = None
+    total_count: int = 0
+
+
+class CheckpointDownload(msgspec.Struct, kw_only=True):
+    """What ``download_checkpoint`` wrote: the directory, how many files and bytes."""
+
+    dest_dir: Path
+    file_count: int
+    bytes_written: int
 
 
 class SupportedModel(msgspec.Struct, kw_only=True):
@@ -533,3 +656,39 @@ class ServerCapabilities(msgspec.Struct, kw_only=True):
     """What ``get_server_capabilities()`` reports."""
 
     supported_models: list[SupportedModel] = msgspec.field(default_factory=list)
+
+
+class AvailabilityModel(enum.StrEnum):
+    """The capacity a trainer runs on."""
+
+    dedicated = "dedicated"
+    """Reserved capacity (the default)."""
+    spot = "spot"
+    """Preemptible capacity: cheaper, and a run can be preempted."""
+
+
+class TrainerScope(enum.StrEnum):
+    """Where a trainer is provisioned (``scope=`` of ``create_lora_training_client``)."""
+
+    default = "default"
+    serverless = "serverless"
+    team = "team"
+    deployment = "deployment"
+
+
+class SamplerScope(enum.StrEnum):
+    """Where a sampler is provisioned (``scope=`` of ``create_sampling_client``)."""
+
+    default = "default"
+    serverless = "serverless"
+    """Shared capacity that speaks the operation protocol (PROTOCOL §6)."""
+    deployment = "deployment"
+
+
+class WandbConfig(msgspec.Struct, kw_only=True):
+    """Weights & Biases tracking for a training run (``wandb_config=`` of
+    ``create_lora_training_client``): every operation's metrics are logged to the run
+    ``name`` of ``project``."""
+
+    project: str
+    name: str | None = None

@@ -199,6 +199,8 @@ class FakeLoops:
 
     async def _sampler(self, request: httpx.Request, path: str) -> httpx.Response:
         route = path.rsplit("/", 1)[-1]
+        if route == "wake":
+            return httpx.Response(202, json={})
         if route == "trainers_policy_version":
             run = path.split("/")[2]
             return _json({"policy_version": self._steps[run]})
@@ -215,11 +217,15 @@ class FakeLoops:
         if self.sample_delay:
             await anyio.sleep(self.sample_delay)
         last = body["prompt"][-1]
-        choice = {
+        choice: dict[str, object] = {
             "logprobs": {"tokens": [last], "token_logprobs": [-0.5]},
             "text": "x",
             "finish_reason": "length",
         }
+        if body.get("prompt_logprobs") is not None:
+            choice["prompt_logprobs"] = [None] + [
+                {str(t): {"logprob": -1.0, "rank": 1}} for t in body["prompt"][1:]
+            ]
         return httpx.Response(
             200, json={"choices": [choice]}, headers={"x-trainers-policy-version": "0"}
         )

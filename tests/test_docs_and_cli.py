@@ -42,6 +42,7 @@ def test_all_is_sorted_and_complete() -> None:
         "training",
         "sampling",
         "tokenizer",
+        "tracking",
         "server",
         "cli",
         "demo",

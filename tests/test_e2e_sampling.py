@@ -135,7 +135,10 @@ def test_downloaded_checkpoint_loads_in_peft(torch_server: LocalServer, tmp_path
         published = training.save_weights_for_sampler("for-peft").result(timeout=600)
         names = {c.checkpoint_id for c in training.list_checkpoints()}
         assert "for-peft" in names
-        local = training.download_checkpoint(published.path, tmp_path / "adapter")
+        download = training.download_checkpoint(published.path, dest_dir=tmp_path / "adapter")
+        assert download.file_count >= 2
+        assert download.bytes_written > 0
+        local = download.dest_dir
         assert (local / "adapter_model.safetensors").is_file()
         assert (local / "adapter_config.json").is_file()
         sampler = training.create_sampling_client(published.path)

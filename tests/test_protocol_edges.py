@@ -189,10 +189,17 @@ async def test_retries_stop_at_the_ready_timeout(anyio_backend: str) -> None:
     assert 1 < len(fake.submitted("forward_backward")) < 100
 
 
-async def test_503_on_submit_is_shutdown(anyio_backend: str) -> None:
-    fake = FakeLoops(submit_script=[status(503)])
+async def test_503_on_submit_is_a_cold_start_unless_it_says_shutdown(anyio_backend: str) -> None:
+    """A bare 503 (a trainer still starting, PROTOCOL §8) is retried, honouring Retry-After;
+    one that names its error class is final."""
+    shutdown = status(503, {"detail": "bye", "error_class": "ServerShutdownError"})
+    fake = FakeLoops(
+        submit_script=[status(503, headers={"Retry-After": "0"}), accepted, shutdown],
+        poll_script=[lambda r: done(FB_RESULT)],
+    )
     service, training = await make_client(fake)
     async with service:
+        assert (await (await training.forward_backward_async([DATUM]))).loss == 1.25
         with pytest.raises(E.ServerShutdownError):
             await training.forward_backward_async([DATUM])
 
@@ -301,8 +308,11 @@ def test_base_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert service._transport._headers["Authorization"] == "Api-Key env-key"
     service.close()
     monkeypatch.delenv("LOOPS_BASE_URL")
-    with pytest.raises(E.ValidationError, match="LOOPS_BASE_URL"):
-        ServiceClient()
+    hosted = ServiceClient()
+    assert hosted.base_url == "https://api.baseten.co", "the hosted default, as upstream"
+    hosted.close()
+    with pytest.raises(E.ValidationError, match="base_url"):
+        ServiceClient("ftp://nope")
 
 
 @pytest.mark.anyio

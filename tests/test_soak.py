@@ -1,11 +1,11 @@
 """Soak: 10,000 mixed operations through a fake service that injects faults of every kind.
 
 4,000 trainer submits and 4,000 result retrievals (four training clients pipelining
-``forward_backward`` + ``optim_step``), 2,000 samples in flight at once, 300 control-plane reads
-and heartbeats every 10 ms, while about 6 % of requests fail: refused connections, connections dropped after the
-server did the work, corrupt gzip bodies, 502 bursts, 503 + ``Retry-After`` where 503 is
-retried, and slow answers. Nothing may be lost or run twice, no task or socket may leak, and
-the portal must survive.
+``forward_backward`` + ``optim_step``), 2,000 samples in flight at once, 300 control-plane
+reads and heartbeats every 10 ms, while about 6 % of requests fail: refused connections,
+connections dropped after the server did the work, corrupt gzip bodies, 502 bursts, 503 +
+``Retry-After`` where 503 is retried, and slow answers. Nothing may be lost or run twice, no
+task or socket may leak, and the portal must survive.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 from loops_async import AdamParams, Datum, ModelInput, ServiceClient, TensorData, _http, _portal
 from loops_async.training import TrainingClient
 
-from ._fake_loops import BASE, Faults, FakeLoops
+from ._fake_loops import BASE, FakeLoops, Faults
 
 pytestmark = pytest.mark.anyio
 

@@ -57,8 +57,10 @@ def test_tensor_from_torch_and_back() -> None:
 
 
 def test_tensor_from_list_infers_dtype_and_defaults_shape() -> None:
-    assert TensorData.from_list([1, 2, 3]).dtype == "int64"
-    assert TensorData.from_list([1.0, 2.5]).dtype == "float32"
+    assert TensorData.from_list([1, 2, 3]).dtype == "float32", "upstream's default"
+    assert TensorData.from_list([1, 2, 3], dtype=None).dtype == "int64"
+    assert TensorData.from_list([1, 2, 3], "int64").tolist() == [1, 2, 3]
+    assert TensorData.from_list([1.0, 2.5], dtype=None).dtype == "float32"
     assert TensorData.from_list([[1, 2], [3, 4]]).shape == [2, 2]
     assert TensorData(data=[1, 2, 3], dtype="int64").shape == [3]
 
