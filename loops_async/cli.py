@@ -4,6 +4,9 @@
 
     loops-async serve [--host 127.0.0.1] [--port 8700] [--data-dir DIR] [--backend torch|null]
                       [--api-key KEY] [--seed N] [--log-level info]
+                      [--profile local|hosted] [--cold-start-requests N]
+                      [--cold-start-retry-after S] [--storage-port PORT]
+                      [--shared-samplers] [--omit-result-paths]
     loops-async demo  [--steps 30] [--seed 0] [--server URL]
 
 Settings not given as flags come from ``LOOPS_ASYNC_*`` environment variables
@@ -49,6 +52,44 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         choices=["critical", "error", "warning", "info", "debug", "trace"],
         help="log level (default info)",
     )
+    p.add_argument(
+        "--profile",
+        choices=["local", "hosted"],
+        help="local: the reference behaviour (default); hosted: reproduce the hosted service's "
+        "rough edges (sampler URLs under /sync, cold starts, presigned storage on another port)",
+    )
+    p.add_argument(
+        "--cold-start-requests",
+        type=int,
+        metavar="N",
+        help="hosted profile: requests a new deployment refuses in each cold-start phase "
+        "(default 2; 0 = none)",
+    )
+    p.add_argument(
+        "--cold-start-retry-after",
+        type=float,
+        metavar="S",
+        help="hosted profile: Retry-After seconds of a cold-start 503 (default 1)",
+    )
+    p.add_argument(
+        "--storage-port",
+        type=int,
+        metavar="PORT",
+        help="hosted profile: port of the presigned-storage listener (default 0: any free port)",
+    )
+    p.add_argument(
+        "--shared-samplers",
+        action="store_const",
+        const=True,
+        help="make every sampler shared (serverless: the operation protocol, adapters cached "
+        "by name)",
+    )
+    p.add_argument(
+        "--omit-result-paths",
+        action="store_const",
+        const=True,
+        help="answer save_state / save_weights_for_sampler without 'path' (older hosted trainers)",
+    )
     p.set_defaults(command=_run_serve)
 
 
@@ -67,6 +108,12 @@ def _run_serve(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             seed=args.seed,
             log_level=args.log_level,
+            profile=args.profile,
+            cold_start_requests=args.cold_start_requests,
+            cold_start_retry_after=args.cold_start_retry_after,
+            storage_port=args.storage_port,
+            shared_samplers=args.shared_samplers,
+            omit_result_paths=args.omit_result_paths,
         )
     except ValueError as exc:
         print(f"loops-async serve: {exc}", file=sys.stderr)
@@ -74,7 +121,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     auth = "API key required" if settings.api_key else "no API key"
     print(
         f"loops-async: serving on http://{settings.host}:{settings.port} "
-        f"(backend {settings.backend}, data in {settings.data_dir}, {auth})",
+        f"(backend {settings.backend}, profile {settings.profile}, data in "
+        f"{settings.data_dir}, {auth})",
         file=sys.stderr,
     )
     serve(settings)

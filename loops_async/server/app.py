@@ -6,6 +6,7 @@ Routes (``{team}`` = ``/v1/loops`` or ``/v1/teams/<team_id>/loops``)::
     GET  /v1/teams                                the single local team
     POST {team}/sessions                          {"session": {"id"}}
     POST {team}/trainers                          {"run": {"id", "base_model", "base_url", ...}}
+    POST {team}/debug/trainers                    the same (debug_version, scope: ignored)
     GET  /v1/loops/deployments/<deployment_id>    {"deployment": {"status": {"name"}}}
     GET  /v1/loops/checkpoints?run_id=|checkpoint_path=   {"checkpoints": [...]}
     GET  /v1/loops/capabilities                   {"supported_models": [...]}
@@ -23,6 +24,11 @@ plus the sampler and checkpoint-file routes of :mod:`~loops_async.server.sampler
 Every rejection has a JSON body with ``detail``; every invalid request is a 422 with
 ``"error_class": "ValidationError"`` whose ``detail`` names the field. An optional API key guards
 every route; request bodies are capped (413).
+
+The hosted profile (``ServerSettings.profile``) adds the hosted service's cold starts
+(:mod:`~loops_async.server.hosted`: a new run's first health checks answer 503 and its first
+submits 404, without ``error_class``), sampler routes under ``/sync`` and presigned storage on a
+second port (:mod:`~loops_async.server.storage_app`, :func:`get_storage_app`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -51,7 +58,7 @@ from .._version import __version__
 from .._wire import (
     OPERATION_SCHEMA_VERSION,
     CheckpointList,
-    CreateTrainerRequest,
+    CreateTrainerRequestIn,
     ForwardBackwardRequest,
     InitTrainerServerRequest,
     LoadStateRequest,
@@ -60,7 +67,8 @@ from .._wire import (
     SaveWeightsForSamplerRequest,
 )
 from .backend import InvalidRequest
-from .models import BUILTIN_MODELS, UnknownModelError, resolve_model
+from .hosted import retry_after_header
+from .models import BUILTIN_MODELS, ModelSpec, UnknownModelError, resolve_model
 from .operations import Operation, SubmitRejected
 from .runs import OP_REQUEST_TYPES, Run, ServerState, Session, new_id
 from .settings import ServerSettings
@@ -70,7 +78,7 @@ from .validation import validate_adam_params, validate_forward_request, validate
 if TYPE_CHECKING:
     from .sampler_routes import SamplingHandlers
 
-__all__ = ["create_app", "get_state"]
+__all__ = ["HTTPError", "cold_start_error", "create_app", "get_state", "get_storage_app"]
 
 logger = logging.getLogger("loops_async.server")
 
@@ -90,7 +98,11 @@ def _json(obj: Any, status: int = 200, headers: Mapping[str, str] | None = None)
 
 
 class HTTPError(Exception):
-    """Raised by a handler to answer ``status`` with ``{"detail": ...}``."""
+    """Raised by a handler to answer ``status`` with ``{"detail": ...}``.
+
+    ``proxy=True`` answers the way the hosted service's proxy does in front of a starting
+    replica: ``{"detail"}`` without any ``error_class``, which tells clients the answer is not
+    final (they retry it). Only the hosted profile's cold starts use it."""
 
     def __init__(
         self,
@@ -99,12 +111,21 @@ class HTTPError(Exception):
         *,
         error_class: str | None = None,
         headers: Mapping[str, str] | None = None,
+        proxy: bool = False,
     ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.error_class = error_class
         self.headers = dict(headers or {})
+        self.proxy = proxy
+
+
+def cold_start_error(status: int, detail: str, retry_after: float | None = None) -> HTTPError:
+    """A hosted-profile cold-start answer (404, or 503 with ``Retry-After``): no
+    ``error_class``, so clients retry it (PROTOCOL.md §8)."""
+    headers = {} if retry_after is None else {"Retry-After": retry_after_header(retry_after)}
+    return HTTPError(status, detail, headers=headers, proxy=True)
 
 
 def _error_body(detail: str, error_class: str | None = None) -> dict[str, str]:
@@ -114,9 +135,24 @@ def _error_body(detail: str, error_class: str | None = None) -> dict[str, str]:
     return body
 
 
+_DEFAULT_ERROR_CLASS = {
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    409: "ConflictError",
+    413: "RequestTooLargeError",
+}
+"""Every final rejection of this server names its class: a client can tell a considered answer
+from a proxy's or a starting replica's (the hosted service's cold-start 400/404/503 carry none
+and are retried, PROTOCOL §8). A 503 names one only when it is final (shutdown, failed load);
+"still loading" does not."""
+
+
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPError)
-    return _json(_error_body(exc.detail, exc.error_class), exc.status, exc.headers)
+    error_class = None if exc.proxy else exc.error_class or _DEFAULT_ERROR_CLASS.get(exc.status)
+    return _json(_error_body(exc.detail, error_class), exc.status, exc.headers)
 
 
 async def _on_invalid(request: Request, exc: Exception) -> Response:
@@ -130,7 +166,8 @@ async def _on_starlette_http(request: Request, exc: Exception) -> Response:
         detail = f"no route {request.method} {request.url.path}"
     elif exc.status_code == 405:
         detail = f"method {request.method} not allowed on {request.url.path}"
-    return _json({"detail": detail}, exc.status_code, exc.headers)
+    error_class = _DEFAULT_ERROR_CLASS.get(exc.status_code)
+    return _json(_error_body(str(detail), error_class), exc.status_code, exc.headers)
 
 
 async def _on_internal(request: Request, exc: Exception) -> Response:
@@ -291,6 +328,12 @@ def _check_ttl(ttl: object) -> None:
         raise InvalidRequest(f"ttl_seconds: must be an integer in 1..2**53 or null, got {shown}")
 
 
+def _model_names(spec: ModelSpec) -> set[str]:
+    """The names a checkpoint may record for ``spec``'s base model (its name, or its local
+    directory as ``adapter_config.json`` records it)."""
+    return {spec.name} if spec.path is None else {spec.name, str(spec.path)}
+
+
 # --------------------------------------------------------------------------- handlers
 
 
@@ -331,7 +374,7 @@ class _Handlers:
 
     def _not_shutting_down(self) -> None:
         if self.state.shutting_down:
-            raise HTTPError(503, "the server is shutting down")
+            raise HTTPError(503, "the server is shutting down", error_class="ServerShutdownError")
 
     # ----------------------------------------------------------------- misc
 
@@ -342,6 +385,7 @@ class _Handlers:
                 "name": "loops-async local server",
                 "version": __version__,
                 "backend": self.settings.backend,
+                "profile": self.settings.profile,
                 "runs": len(self.state.runs),
             }
         )
@@ -374,7 +418,7 @@ class _Handlers:
         """``POST {team}/trainers``: create a run; its backend is built in the background."""
         self._team(request)
         self._not_shutting_down()
-        req = _decode(CreateTrainerRequest, await request.body())
+        req = _decode(CreateTrainerRequestIn, await request.body())
         state = self.state
         if req.session_id not in state.sessions:
             raise InvalidRequest(
@@ -414,7 +458,7 @@ class _Handlers:
                     f"path: checkpoint {ref.uri} was trained on base model "
                     f"{record.base_model!r}, not {spec.name!r}"
                 )
-            ckpt_rank = (record.lora_adapter_config or {}).get("r")
+            ckpt_rank = record.lora_adapter_config.r if record.lora_adapter_config else None
             if isinstance(ckpt_rank, int) and ckpt_rank != rank:
                 raise InvalidRequest(
                     f"lora_rank: checkpoint {ref.uri} has rank {ckpt_rank}, not {rank}"
@@ -489,8 +533,12 @@ class _Handlers:
     # ----------------------------------------------------------------- trainer
 
     async def submit(self, request: Request) -> Response:
-        """``POST /runs/<run_id>/<op>``: admit an operation; 202 with its id."""
+        """``POST /runs/<run_id>/<op>``: admit an operation; 202 with its id. (Hosted profile:
+        a new run's first submits answer a proxy's 404 and are not recorded.)"""
         run = self._run(request)
+        if run.cold_start.refuse_submit():
+            await request.body()
+            raise cold_start_error(404, f"trainer {run.id} is starting; no replica is serving yet")
         kind = request.path_params["op"]
         typ = OP_REQUEST_TYPES.get(kind)
         if typ is None:
@@ -524,7 +572,11 @@ class _Handlers:
             return self._accepted(existing)
         self._not_shutting_down()
         if run.ops.closed:
-            raise HTTPError(503, f"run {run.id} accepts no more operations: {run.load_error}")
+            raise HTTPError(
+                503,
+                f"run {run.id} accepts no more operations: {run.load_error}",
+                error_class="TrainerLoadError",
+            )
         op = run.ops.admit(kind, req.seq_id, req, key)
         return self._accepted(op)
 
@@ -575,15 +627,15 @@ class _Handlers:
             validate_name(req.name, "name")
             _check_ttl(req.ttl_seconds)
         elif isinstance(req, LoadStateRequest):
-            ref, _, record = self.state.storage.resolve(req.path, "path")
-            if record.base_model != run.base_model:
+            source = self.state.storage.load_source(req.path, "path")
+            if source.base_model is not None and source.base_model not in _model_names(run.spec):
                 raise InvalidRequest(
-                    f"path: checkpoint {ref.uri} was trained on base model "
-                    f"{record.base_model!r}, not {run.base_model!r}"
+                    f"path: checkpoint {source.uri} was trained on base model "
+                    f"{source.base_model!r}, not {run.base_model!r}"
                 )
-            if kind == "load_state_with_optimizer" and not record.with_optimizer:
+            if kind == "load_state_with_optimizer" and not source.with_optimizer:
                 raise InvalidRequest(
-                    f"path: {ref.uri} holds no optimizer state (save it with save_state to "
+                    f"path: {source.uri} holds no optimizer state (save it with save_state to "
                     "load it with the optimizer)"
                 )
 
@@ -597,7 +649,7 @@ class _Handlers:
             assert op.body is not None
             return Response(op.body, media_type="application/json")
         if self.state.shutting_down:
-            raise HTTPError(503, "the server is shutting down")
+            raise HTTPError(503, "the server is shutting down", error_class="ServerShutdownError")
         raise HTTPError(408, f"operation {op.id} is still {op.status.value}; poll again")
 
     def _op(self, run: Run, request: Request) -> Operation:
@@ -625,8 +677,13 @@ class _Handlers:
         )
 
     async def health(self, request: Request) -> Response:
-        """``GET /runs/<run_id>/health?base_model=``: 200 once the trainer is loaded."""
+        """``GET /runs/<run_id>/health?base_model=``: 200 once the trainer is loaded. (Hosted
+        profile: a new run's first checks answer a proxy's 503 with ``Retry-After``.)"""
         run = self._run(request)
+        if run.cold_start.refuse_health():
+            raise cold_start_error(
+                503, f"trainer {run.id} is starting", self.settings.cold_start_retry_after
+            )
         base_model = request.query_params.get("base_model")
         if base_model and base_model != run.base_model:
             raise InvalidRequest(
@@ -634,7 +691,9 @@ class _Handlers:
             )
         self._not_shutting_down()
         if run.status == "FAILED":
-            raise HTTPError(503, f"the trainer failed to load: {run.load_error}")
+            raise HTTPError(
+                503, f"the trainer failed to load: {run.load_error}", error_class="TrainerLoadError"
+            )
         if run.status != "ACTIVE":
             raise HTTPError(
                 503,
@@ -667,6 +726,9 @@ def _control_plane_routes(h: _Handlers, sampling: SamplingHandlers) -> list[Base
         routes += [
             Route(f"{prefix}/sessions", h.create_session, methods=["POST"]),
             Route(f"{prefix}/trainers", h.create_trainer, methods=["POST"]),
+            # The hosted service's debug deployments: the same handlers (a body's
+            # ``debug_version`` and ``scope`` are accepted; ``scope`` matters for samplers).
+            Route(f"{prefix}/debug/trainers", h.create_trainer, methods=["POST"]),
             *sampler_control_routes(sampling, prefix),
         ]
     routes += [
@@ -709,20 +771,26 @@ def create_app(settings: ServerSettings) -> Starlette:
         *sampler_routes(sampling),
     ]
 
+    shared_cache = state.samplers.shared_cache_root
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         removed = await anyio.to_thread.run_sync(state.storage.sweep)
         if removed:
             logger.info("removed %d stale checkpoint directories", removed)
-        async with anyio.create_task_group() as tg:
-            state.attach(tg)
-            tg.start_soon(state.sweep_forever, min(60.0, settings.result_ttl / 2))
-            try:
-                yield
-            finally:
-                state.begin_shutdown()
-                state.attach(None)
-                tg.cancel_scope.cancel()
+        await anyio.to_thread.run_sync(shutil.rmtree, shared_cache, True)
+        try:
+            async with anyio.create_task_group() as tg:
+                state.attach(tg)
+                tg.start_soon(state.sweep_forever, min(60.0, settings.result_ttl / 2))
+                try:
+                    yield
+                finally:
+                    state.begin_shutdown()
+                    state.attach(None)
+                    tg.cancel_scope.cancel()
+        finally:
+            shutil.rmtree(shared_cache, ignore_errors=True)  # shared samplers' adapter copies
 
     handlers_map: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
         HTTPError: _on_http_error,
@@ -743,9 +811,22 @@ def create_app(settings: ServerSettings) -> Starlette:
         lifespan=lifespan,
     )
     app.state.loops = state
+    storage_app: Starlette | None = None
+    if settings.profile == "hosted":
+        from .storage_app import create_storage_app
+
+        storage_app = create_storage_app(state)
+    app.state.loops_storage = storage_app
     return app
 
 
 def get_state(app: Starlette) -> ServerState:
     """The live state of an app made by :func:`create_app`."""
     return cast(ServerState, app.state.loops)
+
+
+def get_storage_app(app: Starlette) -> Starlette | None:
+    """The hosted profile's presigned-storage app that goes with an app made by
+    :func:`create_app` (None in the local profile). Whoever serves it on its own port sets
+    ``get_state(app).storage_url`` so that file links point there."""
+    return cast("Starlette | None", app.state.loops_storage)

@@ -8,6 +8,7 @@ the request handler before a submit is accepted, so bad input becomes a 422 at o
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -20,7 +21,41 @@ from ..types import (
 )
 from .models import ModelSpec
 
-__all__ = ["InvalidRequest", "TrainerBackend"]
+__all__ = [
+    "ADAPTER_FILES",
+    "NULL_STATE_FILE",
+    "OPTIMIZER_FILE",
+    "TRAINER_STATE_FILE",
+    "InvalidRequest",
+    "TrainerBackend",
+    "has_optimizer_state",
+]
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+"""The PEFT files every checkpoint directory holds (the names :mod:`~loops_async.server.lora`
+writes; that module imports torch, this one must not)."""
+OPTIMIZER_FILE = "optimizer.safetensors"
+"""The torch trainer's Adam moments (``save_state`` with the optimizer)."""
+TRAINER_STATE_FILE = "trainer_state.json"
+"""The torch trainer's step counter and adapter shape."""
+NULL_STATE_FILE = "null_trainer_state.json"
+"""The ``null`` trainer's counters (``with_optimizer`` says whether they are optimizer state)."""
+_MAX_STATE_BYTES = 1 << 20
+
+
+def has_optimizer_state(directory: Path) -> bool:
+    """Whether a checkpoint directory in the server's on-disk format holds optimizer state (the
+    torch trainer's, or the null trainer's). Reads only; never raises for a bad directory."""
+    try:
+        if (directory / OPTIMIZER_FILE).is_file() and (directory / TRAINER_STATE_FILE).is_file():
+            return True
+        null_state = directory / NULL_STATE_FILE
+        if not null_state.is_file() or null_state.stat().st_size > _MAX_STATE_BYTES:
+            return False
+        state = json.loads(null_state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("with_optimizer") is True
 
 
 class InvalidRequest(ValueError):

@@ -3,6 +3,7 @@ examples and benchmarks) or in the foreground (:func:`serve`, for ``loops-async 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -12,7 +13,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -21,7 +22,7 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.config import LOG_LEVELS, LOGGING_CONFIG
 
-from .app import create_app, get_state
+from .app import create_app, get_state, get_storage_app
 from .runs import ServerState
 from .settings import ServerSettings
 
@@ -33,25 +34,74 @@ _GRACEFUL_SHUTDOWN_S = 5.0
 _START_TIMEOUT_S = 60.0
 
 
+class _CompanionServer(uvicorn.Server):
+    """A uvicorn server run as a task beside the main one (the hosted profile's presigned
+    storage): the main server owns the signals and tells it when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
 class _UvicornServer(uvicorn.Server):
     """uvicorn's server, telling the app first when it starts to shut down, so held long-polls
-    answer 503 at once instead of keeping the shutdown waiting for their hold to end."""
+    answer 503 at once instead of keeping the shutdown waiting for their hold to end. With a
+    ``companion`` (the presigned-storage server of the hosted profile) it starts the companion
+    on the same event loop once it listens itself, and stops it when it stops."""
 
-    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        state: ServerState,
+        companion: tuple[_CompanionServer, socket.socket] | None = None,
+    ) -> None:
         super().__init__(config)
         self._loops_state = state
+        self._companion = companion
+        self._companion_task: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the server (and its companion, if any) accepts requests."""
+        return self.started and (self._companion is None or self._companion[0].started)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self._companion is None or not self.started:
+            return
+        companion, sock = self._companion
+        # uvicorn runs on asyncio: the companion is one more asyncio task of this loop.
+        task = asyncio.ensure_future(companion.serve(sockets=[sock]))
+        self._companion_task = task
+        while not companion.started:
+            if task.done():
+                error = None if task.cancelled() else task.exception()
+                raise RuntimeError(f"the presigned-storage server failed to start: {error!r}")
+            await asyncio.sleep(0.005)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._loops_state.begin_shutdown()
+        if self._companion is not None:
+            self._companion[0].should_exit = True
         await super().shutdown(sockets=sockets)
+        task = self._companion_task
+        if task is not None:
+            if self.force_exit and self._companion is not None:
+                self._companion[0].force_exit = True  # a forced stop stops both
+            try:
+                await asyncio.wait_for(task, _GRACEFUL_SHUTDOWN_S + 2.0)
+            except Exception:  # a timeout included
+                logger.warning("the presigned-storage server did not stop cleanly", exc_info=True)
 
 
-def _uvicorn_config(app: Starlette, settings: ServerSettings, *, quiet: bool) -> uvicorn.Config:
+def _uvicorn_config(
+    app: Starlette, settings: ServerSettings, *, quiet: bool, lifespan: bool = True
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        lifespan="on",
+        lifespan="on" if lifespan else "off",
         ws="none",
         log_level=settings.log_level,
         log_config=None if quiet else LOGGING_CONFIG,
@@ -59,6 +109,38 @@ def _uvicorn_config(app: Starlette, settings: ServerSettings, *, quiet: bool) ->
         timeout_graceful_shutdown=int(_GRACEFUL_SHUTDOWN_S),
         server_header=False,
     )
+
+
+def _origin(host: str, port: int) -> str:
+    """``http://host:port`` as a client reaches a server bound to ``host`` (a wildcard address
+    is reached on loopback)."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _make_server(
+    app: Starlette, settings: ServerSettings, *, quiet: bool
+) -> tuple[_UvicornServer, socket.socket | None]:
+    """The uvicorn server of ``app`` and, in the hosted profile, the bound socket of its
+    presigned-storage companion (``get_state(app).storage_url`` is set to it)."""
+    state = get_state(app)
+    storage_app = get_storage_app(app)
+    companion: tuple[_CompanionServer, socket.socket] | None = None
+    storage_sock: socket.socket | None = None
+    if storage_app is not None:
+        storage_sock = _bind(settings.host, settings.storage_port)
+        port = int(storage_sock.getsockname()[1])
+        state.storage_url = _origin(settings.host, port)
+        config = _uvicorn_config(storage_app, settings, quiet=True, lifespan=False)
+        config.access_log = not quiet
+        companion = (_CompanionServer(config), storage_sock)
+    server = _UvicornServer(_uvicorn_config(app, settings, quiet=quiet), state, companion)
+    return server, storage_sock
 
 
 def _configure_logging(level: str) -> None:
@@ -75,8 +157,15 @@ def serve(settings: ServerSettings) -> None:
     """Run the server in the foreground until interrupted (Ctrl-C / SIGTERM)."""
     _configure_logging(settings.log_level)
     app = create_app(settings)
-    server = _UvicornServer(_uvicorn_config(app, settings, quiet=False), get_state(app))
-    server.run()
+    server, storage_sock = _make_server(app, settings, quiet=False)
+    storage_url = get_state(app).storage_url
+    if storage_url is not None:
+        logger.info("presigned storage (hosted profile) on %s", storage_url)
+    try:
+        server.run()
+    finally:
+        if storage_sock is not None:
+            storage_sock.close()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -105,7 +194,9 @@ class LocalServer:
 
     Use it as a context manager (``with LocalServer(backend="null") as srv: ...``) or call
     :meth:`start` / :meth:`stop`. ``url`` is the base URL (``http://127.0.0.1:54321``) and
-    ``state`` the live server state (runs, execution counters) for tests to read.
+    ``state`` the live server state (runs, execution counters) for tests to read. With
+    ``profile="hosted"`` a second listener serves checkpoint files as presigned storage would,
+    at ``storage_url``.
     """
 
     def __init__(self, **overrides: Any) -> None:
@@ -127,6 +218,7 @@ class LocalServer:
         self._server: _UvicornServer | None = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
+        self._storage_sock: socket.socket | None = None
         self._port: int | None = None
         self._lock = threading.Lock()
         self._stopped = False
@@ -134,7 +226,8 @@ class LocalServer:
 
     def __repr__(self) -> str:
         where = self.url if self._port is not None else "not started"
-        return f"<LocalServer {where} backend={self.settings.backend}>"
+        profile = "" if self.settings.profile == "local" else f" profile={self.settings.profile}"
+        return f"<LocalServer {where} backend={self.settings.backend}{profile}>"
 
     # ----------------------------------------------------------------------- properties
 
@@ -143,14 +236,16 @@ class LocalServer:
         """The base URL, e.g. ``http://127.0.0.1:54321`` (after :meth:`start`)."""
         if self._port is None:
             raise RuntimeError("LocalServer is not started")
-        host = self.settings.host
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self._port}"
+        return _origin(self.settings.host, self._port)
+
+    @property
+    def storage_url(self) -> str | None:
+        """Hosted profile: the origin of the presigned-storage listener that checkpoint file
+        URLs point to (``http://127.0.0.1:54322``), after :meth:`start`. None in the local
+        profile (file URLs are on :attr:`url`)."""
+        if self._app is None:
+            raise RuntimeError("LocalServer is not started")
+        return get_state(self._app).storage_url
 
     @property
     def port(self) -> int:
@@ -186,7 +281,7 @@ class LocalServer:
             self._port = int(sock.getsockname()[1])
             app = create_app(self.settings)
             self._app = app
-            server = _UvicornServer(_uvicorn_config(app, self.settings, quiet=True), get_state(app))
+            server, self._storage_sock = _make_server(app, self.settings, quiet=True)
             self._server = server
 
             def run() -> None:
@@ -201,7 +296,7 @@ class LocalServer:
             self._thread = thread
             thread.start()
         deadline = time.monotonic() + timeout
-        while not server.started:
+        while not server.ready:
             if not thread.is_alive():
                 error = self._startup_error
                 self.stop()
@@ -220,6 +315,7 @@ class LocalServer:
                 return
             self._stopped = True
             server, thread, sock = self._server, self._thread, self._sock
+            storage_sock = self._storage_sock
         if server is not None:
             server.should_exit = True
         if thread is not None:
@@ -229,8 +325,9 @@ class LocalServer:
                 thread.join(2.0)
             if thread.is_alive():
                 logger.warning("the local server thread did not stop within %.1f s", timeout)
-        if sock is not None:
-            sock.close()
+        for open_sock in (sock, storage_sock):
+            if open_sock is not None:
+                open_sock.close()
         self._remove_temp_dir()
 
     def _remove_temp_dir(self) -> None:

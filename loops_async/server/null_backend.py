@@ -23,13 +23,13 @@ from ..types import (
     OptimStepResponse,
     TensorData,
 )
-from .backend import InvalidRequest
+from .backend import NULL_STATE_FILE, InvalidRequest
 from .models import ModelSpec
 from .validation import validate_forward_request
 
 __all__ = ["NullTrainer"]
 
-_STATE_FILE = "null_trainer_state.json"
+_STATE_FILE = NULL_STATE_FILE
 _ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

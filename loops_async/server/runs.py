@@ -42,6 +42,8 @@ from ..types import (
     SaveWeightsResponse,
 )
 from .backend import InvalidRequest, TrainerBackend
+from .file_links import FileLinks
+from .hosted import TrainerColdStart
 from .models import ModelSpec
 from .operations import Operation, OperationLog
 from .sampler import SamplerService
@@ -170,6 +172,9 @@ class Run:
         self.ops = OperationLog(
             seq_gap_timeout=settings.seq_gap_timeout, result_ttl=settings.result_ttl, name=run_id
         )
+        self.cold_start = TrainerColdStart.for_settings(settings)
+        """What the run still refuses while "starting" (hosted profile; nothing locally)."""
+        self._omit_paths = settings.omit_result_paths
         self._storage = storage
         self._blocking = True
         self._delay = 0.0
@@ -260,6 +265,8 @@ class Run:
             assert isinstance(req, SaveStateRequest)
             ref = CheckpointRef(run_id=self.id, kind="weights", name=req.name)
             await self._save(backend, ref, with_optimizer=True, ttl_seconds=req.ttl_seconds)
+            if self._omit_paths:  # as older hosted trainers answer (PROTOCOL §8)
+                return {"mode": "with_optimizer"}
             return SaveWeightsResponse(path=ref.uri, mode="with_optimizer")
         if kind == "save_weights_for_sampler":
             assert isinstance(req, SaveWeightsForSamplerRequest)
@@ -268,16 +275,19 @@ class Run:
             await self._save(backend, ref, with_optimizer=False, ttl_seconds=req.ttl_seconds)
             if req.bump_version:
                 self.published = (version, ref.uri)
+            if self._omit_paths:
+                return {"version": version}
             return SaveWeightsForSamplerResponse(path=ref.uri, version=version)
         if kind in ("load_state", "load_state_with_optimizer"):
             assert isinstance(req, LoadStateRequest)
             with_optimizer = kind == "load_state_with_optimizer"
-            _, directory, record = self._storage.resolve(req.path, "path")
-            step = await self._call(backend.load_state, directory, with_optimizer=with_optimizer)
+            source = self._storage.load_source(req.path, "path")
+            step = await self._call(
+                backend.load_state, source.directory, with_optimizer=with_optimizer
+            )
             self.policy_version = backend.step
-            rank = (record.lora_adapter_config or {}).get("r")
-            if isinstance(rank, int):
-                self.lora_rank = rank
+            if source.lora_rank is not None:
+                self.lora_rank = source.lora_rank
             return LoadWeightsResponse(step=step, path=req.path)
         raise InvalidRequest(f"unknown operation {kind!r}")  # unreachable: routes are fixed
 
@@ -325,6 +335,12 @@ class ServerState:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.storage = Storage(settings.data_dir)
+        self.links = FileLinks(self.storage)
+        """Signed download links of checkpoint files (``/files/<token>``), shared by the API
+        app and, in the hosted profile, the presigned-storage app."""
+        self.storage_url: str | None = None
+        """Hosted profile: the origin of the presigned-storage listener (set by whoever serves
+        the storage app); file links point there. None: links point at the API's own port."""
         self.samplers = SamplerService(settings, self.storage)
         """Samplers and their engines (``POST /samplers``)."""
         self.sessions: dict[str, Session] = {}
@@ -375,8 +391,10 @@ class ServerState:
             run.ops.close()
 
     async def sweep_forever(self, interval: float) -> None:
-        """Forget expired operation results every ``interval`` seconds."""
+        """Forget expired operation results (runs' and shared samplers') every ``interval``
+        seconds."""
         while True:
             await anyio.sleep(interval)
             for run in list(self.runs.values()):
                 run.ops.sweep()
+            self.samplers.sweep()

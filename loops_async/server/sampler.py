@@ -18,6 +18,9 @@ Pieces:
   :data:`MAX_BATCH_ROWS` sequences) and runs them as one batch on a worker thread (the torch
   engine) or inline (the ``null`` engine). Requests with different adapters never share a batch.
 - :class:`SamplerService` is the registry the HTTP layer uses (``ServerState.samplers``).
+- A *shared* (serverless) sampler (``shared=True``: ``model_id`` and ``deployment_id`` null)
+  speaks the operation protocol and caches adapters by name; see
+  :mod:`~loops_async.server.shared_sampler`.
 
 Defaults chosen for the local server (**local** in PROTOCOL.md terms): ``max_tokens`` absent =
 ``min(DEFAULT_MAX_TOKENS, context - len(prompt))``; ``n`` at most :data:`MAX_N`;
@@ -46,14 +49,18 @@ import msgspec
 
 from .._wire import ChoiceLogprobs, PromptLogprob, SampleChoice
 from .backend import InvalidRequest
+from .hosted import SamplerColdStart
 from .models import ModelSpec
 from .storage import CheckpointRef, Storage, parse_checkpoint_uri
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from .runs import Run
     from .settings import ServerSettings
+    from .shared_sampler import AdapterNameCache, SampleOperations
 
 __all__ = [
     "ADAPTER_CACHE_SIZE",
@@ -121,11 +128,20 @@ def _new_id(prefix: str) -> str:
 class SamplerError(Exception):
     """A sampler answer other than 200 or 422: ``status`` with ``{"detail": ...}``."""
 
-    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        headers: Mapping[str, str] | None = None,
+        *,
+        error_class: str | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = dict(headers or {})
+        self.error_class = error_class
+        """Set when the answer is final (shutdown, failed load): clients then stop retrying."""
 
 
 # --------------------------------------------------------------------------- request
@@ -196,7 +212,7 @@ class GenerationRequest:
         return (base + index * _GOLDEN) % 2**64
 
 
-def _unsupported(body: SampleBody) -> None:
+def _unsupported(body: SampleBody, shared: bool) -> None:
     if body.model_input_chunks not in (None, []):
         raise InvalidRequest(
             "model_input_chunks: image (multi-modal) prompts are not supported by the local "
@@ -213,16 +229,19 @@ def _unsupported(body: SampleBody) -> None:
         raise InvalidRequest("stream: streaming responses are not supported by the local sampler")
     if body.echo not in (None, False):
         raise InvalidRequest("echo: not supported; use prompt_logprobs for the prompt's logprobs")
-    if body.lora is not None:
+    if body.lora is not None and not shared:
         raise InvalidRequest(
             "lora: a shared-sampler field; dedicated local samplers take X-Checkpoint-Path"
         )
 
 
-def validate_sample(body: SampleBody, *, context: int, vocab_size: int) -> GenerationRequest:
+def validate_sample(
+    body: SampleBody, *, context: int, vocab_size: int, shared: bool = False
+) -> GenerationRequest:
     """Check a decoded ``/sample`` body against a model with ``context`` positions and
-    ``vocab_size`` tokens; raise :class:`InvalidRequest` naming the field."""
-    _unsupported(body)
+    ``vocab_size`` tokens; raise :class:`InvalidRequest` naming the field. ``lora`` is a field
+    of shared samplers only (their caller checks it)."""
+    _unsupported(body, shared)
     prompt = body.prompt
     if not prompt:
         raise InvalidRequest("prompt: must hold at least one token id")
@@ -486,9 +505,15 @@ class EngineWorker:
         engine failed to load, is shutting down or is full; :class:`InvalidRequest` when the
         adapter cannot be loaded."""
         if self.status == "DEPLOY_FAILED":
-            raise SamplerError(503, f"the sampler's model failed to load: {self.load_error}")
+            raise SamplerError(
+                503,
+                f"the sampler's model failed to load: {self.load_error}",
+                error_class="SamplerLoadError",
+            )
         if self._closed:
-            raise SamplerError(503, "the server is shutting down")
+            raise SamplerError(
+                503, "the server is shutting down", error_class="ServerShutdownError"
+            )
         if self._queued >= MAX_QUEUED_REQUESTS:
             raise SamplerError(
                 503,
@@ -499,7 +524,9 @@ class EngineWorker:
         try:
             self._send.send_nowait(job)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise SamplerError(503, "the sampler stopped (server shutting down)") from None
+            raise SamplerError(
+                503, "the sampler stopped (server shutting down)", error_class="ServerShutdownError"
+            ) from None
         self._queued += 1
         try:
             await job.done.wait()
@@ -535,9 +562,15 @@ class EngineWorker:
                     await self._run(batch)
         finally:
             self._closed = True
-            error = SamplerError(503, "the sampler stopped (server shutting down)")
+            error = SamplerError(
+                503, "the sampler stopped (server shutting down)", error_class="ServerShutdownError"
+            )
             if self.status == "DEPLOY_FAILED":
-                error = SamplerError(503, f"the sampler's model failed to load: {self.load_error}")
+                error = SamplerError(
+                    503,
+                    f"the sampler's model failed to load: {self.load_error}",
+                    error_class="SamplerLoadError",
+                )
             for job in pending:
                 job.finish(None, error)
             while True:
@@ -560,7 +593,7 @@ class EngineWorker:
             self.load_error = f"{type(exc).__name__}: {exc}"
             self.status = "DEPLOY_FAILED"
             logger.exception("sampler engine for %s failed to load", self.spec.name)
-            raise SamplerError(503, self.load_error) from exc
+            raise SamplerError(503, self.load_error, error_class="SamplerLoadError") from exc
         self.engine = engine
         self.status = "ACTIVE"
         logger.info("sampler engine for %s ready", self.spec.name)
@@ -626,13 +659,28 @@ class Sampler:
     run: Run | None = None
     checkpoint: CheckpointRef | None = None
     """The checkpoint a standalone sampler was created from (``model_path``)."""
-    model_id: str = field(default_factory=lambda: _new_id("model"))
-    deployment_id: str = field(default_factory=lambda: _new_id("dep"))
+    model_id: str | None = field(default_factory=lambda: _new_id("model"))
+    """None for a shared sampler."""
+    deployment_id: str | None = field(default_factory=lambda: _new_id("dep"))
+    """None for a shared sampler."""
     created_at: str = field(default_factory=_now_iso)
+    cold_start: SamplerColdStart = field(default_factory=SamplerColdStart)
+    """What a new dedicated sampler still refuses (hosted profile; nothing locally)."""
+    operations: SampleOperations | None = None
+    """A shared sampler's operations (None: dedicated)."""
+    adapters: AdapterNameCache | None = None
+    """A shared sampler's adapters, cached by checkpoint name (None: dedicated)."""
 
     def __repr__(self) -> str:
         kind = f"run={self.run.id}" if self.run is not None else "standalone"
-        return f"<Sampler {self.id} {self.spec.name} {kind}>"
+        shared = " shared" if self.shared else ""
+        return f"<Sampler {self.id} {self.spec.name} {kind}{shared}>"
+
+    @property
+    def shared(self) -> bool:
+        """Whether this is a shared (serverless) sampler: the operation protocol, adapters
+        cached by name, ``model_id`` and ``deployment_id`` null."""
+        return self.operations is not None
 
     @property
     def base_model(self) -> str:
@@ -683,10 +731,10 @@ class Sampler:
         )
         return version, adapter
 
-    def pinned_adapter(self, uri: str) -> AdapterRef:
-        """The adapter an ``X-Checkpoint-Path`` header names (weights or sampler_weights of any
-        run on this server with the same base model); :class:`InvalidRequest` otherwise."""
-        header = "X-Checkpoint-Path"
+    def pinned_adapter(self, uri: str, header: str = "X-Checkpoint-Path") -> AdapterRef:
+        """The adapter an ``X-Checkpoint-Path`` header (or the field ``header``) names
+        (weights or sampler_weights of any run on this server with the same base model);
+        :class:`InvalidRequest` otherwise."""
         ref = parse_checkpoint_uri(uri.strip(), header)
         found = self.storage.lookup(ref)
         if found is None:
@@ -738,7 +786,9 @@ class SamplerService:
         self.samplers: dict[str, Sampler] = {}
         """Samplers by id."""
         self.by_run: dict[str, Sampler] = {}
-        """Paired samplers by run id (one per run)."""
+        """Paired dedicated samplers by run id (one per run)."""
+        self.shared_by_run: dict[str, Sampler] = {}
+        """Paired shared samplers by run id (one per run)."""
         self.by_model: dict[str, Sampler] = {}
         """Samplers by model id."""
         self.workers: dict[tuple[str, str], EngineWorker] = {}
@@ -755,10 +805,35 @@ class SamplerService:
         self._task_group = task_group
 
     def close(self) -> None:
-        """Stop accepting sample requests (idempotent)."""
+        """Stop accepting sample requests and wake shared samplers' long-polls (idempotent)."""
         self._closed = True
         for worker in self.workers.values():
             worker.close()
+        for sampler in self.samplers.values():
+            if sampler.operations is not None:
+                sampler.operations.close()
+
+    def sweep(self) -> int:
+        """Forget shared samplers' expired operation results; returns how many."""
+        return sum(
+            s.operations.sweep() for s in list(self.samplers.values()) if s.operations is not None
+        )
+
+    @property
+    def shared_cache_root(self) -> Path:
+        """Where shared samplers keep their copies of cached adapters."""
+        from .shared_sampler import SHARED_CACHE_DIR
+
+        return self.storage.root / SHARED_CACHE_DIR
+
+    def start_soon(
+        self, fn: Callable[..., Coroutine[Any, Any, None]], *args: Any, name: str
+    ) -> None:
+        """Run ``fn(*args)`` as a task of the app (a shared sampler's operation);
+        :class:`SamplerError` 503 when the server is not running."""
+        if self._task_group is None or self._closed:
+            raise SamplerError(503, "the server is not running", error_class="ServerShutdownError")
+        self._task_group.start_soon(fn, *args, name=name)
 
     def worker_for(self, spec: ModelSpec) -> EngineWorker:
         """The engine worker of ``spec``'s base model, started on first use."""
@@ -767,7 +842,7 @@ class SamplerService:
         if worker is not None and worker.status != "DEPLOY_FAILED":
             return worker
         if self._task_group is None or self._closed:
-            raise SamplerError(503, "the server is not running")
+            raise SamplerError(503, "the server is not running", error_class="ServerShutdownError")
         delay = self.settings.null_sample_delay if self.settings.backend == "null" else 0.0
         worker = EngineWorker(
             spec, self._factory, self._blocking_build, max_rows=MAX_BATCH_ROWS, delay=delay
@@ -788,26 +863,57 @@ class SamplerService:
 
     def _add(self, sampler: Sampler) -> Sampler:
         self.samplers[sampler.id] = sampler
-        self.by_model[sampler.model_id] = sampler
+        if sampler.model_id is not None:
+            self.by_model[sampler.model_id] = sampler
         return sampler
 
-    def create_paired(self, run: Run, session_id: str) -> Sampler:
-        """The sampler paired with ``run`` (the same one on every call)."""
-        existing = self.by_run.get(run.id)
+    def _new(
+        self,
+        spec: ModelSpec,
+        session_id: str,
+        *,
+        context: int,
+        shared: bool,
+        run: Run | None = None,
+        checkpoint: CheckpointRef | None = None,
+    ) -> Sampler:
+        sampler_id = _new_id("sampler")
+        worker = self.worker_for(spec)
+        common: dict[str, Any] = {
+            "id": sampler_id,
+            "spec": spec,
+            "context": context,
+            "session_id": session_id,
+            "worker": worker,
+            "storage": self.storage,
+            "run": run,
+            "checkpoint": checkpoint,
+        }
+        if not shared:
+            return Sampler(**common, cold_start=SamplerColdStart.for_settings(self.settings))
+        from .shared_sampler import AdapterNameCache, SampleOperations
+
+        return Sampler(
+            **common,
+            model_id=None,
+            deployment_id=None,
+            operations=SampleOperations(result_ttl=self.settings.result_ttl),
+            adapters=AdapterNameCache(self.shared_cache_root / sampler_id),
+        )
+
+    def create_paired(self, run: Run, session_id: str, *, shared: bool = False) -> Sampler:
+        """The sampler paired with ``run`` (the same one on every call; a shared one and a
+        dedicated one are separate)."""
+        registry = self.shared_by_run if shared else self.by_run
+        existing = registry.get(run.id)
         if existing is not None:
             if existing.worker.status == "DEPLOY_FAILED":
                 existing.worker = self.worker_for(run.spec)
             return existing
-        sampler = Sampler(
-            id=_new_id("sampler"),
-            spec=run.spec,
-            context=run.spec.max_seq_len,
-            session_id=session_id,
-            worker=self.worker_for(run.spec),
-            storage=self.storage,
-            run=run,
+        sampler = self._new(
+            run.spec, session_id, context=run.spec.max_seq_len, shared=shared, run=run
         )
-        self.by_run[run.id] = sampler
+        registry[run.id] = sampler
         return self._add(sampler)
 
     def create_standalone(
@@ -817,15 +923,8 @@ class SamplerService:
         *,
         context: int,
         checkpoint: CheckpointRef | None = None,
+        shared: bool = False,
     ) -> Sampler:
         """A new standalone sampler on ``spec`` (serving ``checkpoint``'s adapter if given)."""
-        sampler = Sampler(
-            id=_new_id("sampler"),
-            spec=spec,
-            context=context,
-            session_id=session_id,
-            worker=self.worker_for(spec),
-            storage=self.storage,
-            checkpoint=checkpoint,
-        )
+        sampler = self._new(spec, session_id, context=context, shared=shared, checkpoint=checkpoint)
         return self._add(sampler)

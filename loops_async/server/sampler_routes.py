@@ -1,17 +1,28 @@
 """HTTP routes of samplers and checkpoint files (PROTOCOL.md §6-7), mounted by
 :func:`~loops_async.server.app.create_app`::
 
-    POST {team}/samplers                                  {"sampler": {"id", "base_url", ...}}
+    POST {team}/samplers  (and {team}/debug/samplers)     {"sampler": {"id", "base_url", ...}}
     GET  /v1/models/<model_id>/deployments/<dep_id>       {"status": "DEPLOYING"|"ACTIVE"|...}
-    POST /samplers/<sampler_id>/sample                    {"choices": [...]} (+ policy header)
-    GET  /samplers/<sampler_id>/v1/models                 {"data": [{"id", "parent"}]}
-    GET  /samplers/<sampler_id>/trainers_policy_version   {"policy_version": n}
-    GET  /samplers/<sampler_id>/health                    200 ready, 503 loading or failed
+    POST {sampler}/sample                                 {"choices": [...]} (+ policy header)
+    GET  {sampler}/v1/models                              {"data": [{"id", "parent"}]}
+    GET  {sampler}/trainers_policy_version                {"policy_version": n}
+    GET  {sampler}/health                                 200 ready, 503 loading or failed
+    GET  {sampler}/operations/<id>                        shared samplers: long-poll a sample
+    POST {sampler}/operations/<id>/cancel                 shared samplers: give up on a sample
     POST /samplers/<sampler_id>/wake                      200 {"status"}
     GET  /v1/loops/checkpoints/<id>/source                {"source": {"kind": "s3"}}
     GET  /v1/loops/checkpoints/<id>/files                 {"presigned_urls": [...], ...}
     POST /v1/loops/checkpoints/validate                   {"valid": true, "checkpoint": {...}}
     GET  /files/<token>                                   the file's bytes
+
+``{sampler}`` is a sampler's ``base_url``: ``/samplers/<sampler_id>``, or
+``/samplers/<sampler_id>/sync`` in the hosted profile (where wake stays beside it, new dedicated
+samplers answer a cold start first, the deployment-status route answers 404 "no status here"
+and file URLs point at the separate presigned-storage listener).
+
+A *shared* sampler (``"scope": "serverless"`` in the ``POST /samplers`` body, or every sampler
+with ``shared_samplers``) has ``model_id`` and ``deployment_id`` null and answers ``/sample``
+with 202 and an operation (:mod:`~loops_async.server.shared_sampler`).
 
 Errors follow :mod:`~loops_async.server.app`: invalid input is a 422 ``ValidationError`` naming
 the field (headers by their canonical name, e.g. ``X-Min-Policy-Version``); ``/sample`` answers
@@ -34,6 +45,7 @@ from starlette.routing import BaseRoute, Route
 
 from .._codec import encode as _encode
 from .._wire import (
+    OPERATION_SCHEMA_VERSION,
     CheckpointFiles,
     CreateSamplerRequest,
     CreateSamplerResponse,
@@ -44,27 +56,41 @@ from .._wire import (
     ValidateCheckpointRequest,
 )
 from ..types import CheckpointFile
-from .app import HTTPError, _decode, _json
-from .backend import InvalidRequest
-from .file_links import FileLinks
+from .app import HTTPError, _decode, _json, cold_start_error
+from .backend import ADAPTER_FILES, InvalidRequest
 from .models import ModelSpec, UnknownModelError, resolve_model
 from .runs import ServerState
-from .sampler import SampleBody, Sampler, SamplerError, validate_sample
-from .storage import CheckpointRecord, CheckpointRef, validate_name
+from .sampler import AdapterRef, SampleBody, Sampler, SamplerError, validate_sample
+from .shared_sampler import SampleOperation, run_sample
+from .storage import CheckpointRecord, CheckpointRef, parse_checkpoint_uri, validate_name
 
-__all__ = ["SamplingHandlers", "checkpoint_routes", "sampler_control_routes", "sampler_routes"]
+__all__ = [
+    "ADAPTER_FILES",
+    "CreateSamplerRequestIn",
+    "SamplingHandlers",
+    "checkpoint_routes",
+    "sampler_control_routes",
+    "sampler_routes",
+]
 
 POLICY_VERSION_HEADER = "x-trainers-policy-version"
 """The response header that says which policy version served a ``/sample``."""
 MAX_PAGE_SIZE = 1000
 """The largest ``page_size`` of ``/checkpoints/<id>/files``."""
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-"""The PEFT files a usable checkpoint holds (the names of :mod:`~loops_async.server.lora`,
-which imports torch; this module must not)."""
+SERVERLESS_SCOPE = "serverless"
+"""The ``scope`` of a ``POST /samplers`` body that asks for a shared sampler."""
+
+
+class CreateSamplerRequestIn(CreateSamplerRequest, kw_only=True, omit_defaults=True):
+    """``POST /samplers`` as the local server reads it: also the hosted service's ``scope``
+    (``"serverless"`` = a shared sampler) and ``debug_version`` (accepted, ignored)."""
+
+    scope: str | None = None
+    debug_version: str | None = None
 
 
 def _raise(exc: SamplerError) -> HTTPError:
-    return HTTPError(exc.status, exc.detail, headers=exc.headers)
+    return HTTPError(exc.status, exc.detail, headers=exc.headers, error_class=exc.error_class)
 
 
 def _int_param(value: str | None, name: str, default: int, low: int, high: int) -> int:
@@ -97,8 +123,11 @@ class SamplingHandlers:
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        self.settings = state.settings
         self.service = state.samplers
-        self.links = FileLinks(state.storage)
+        self.links = state.links
+        self.hosted = state.settings.profile == "hosted"
+        """Hosted profile: routes under ``/sync``, cold starts, no deployment status."""
 
     # ----------------------------------------------------------------- helpers
 
@@ -112,13 +141,24 @@ class SamplingHandlers:
 
     def _not_shutting_down(self) -> None:
         if self.state.shutting_down:
-            raise HTTPError(503, "the server is shutting down")
+            raise HTTPError(503, "the server is shutting down", error_class="ServerShutdownError")
 
-    def _sampler(self, request: Request) -> Sampler:
+    def _sampler(self, request: Request, *, cold: bool = True) -> Sampler:
+        """The sampler a ``{sampler}/...`` route names, its routing headers checked. A new
+        dedicated sampler of the hosted profile first answers its cold start (unless
+        ``cold`` is False: the wake route, which is not behind the replica's proxy)."""
         sampler_id = request.path_params["sampler_id"]
         sampler = self.service.samplers.get(sampler_id)
         if sampler is None:
             raise HTTPError(404, f"unknown sampler {sampler_id!r}")
+        if cold:
+            refusal = sampler.cold_start.refuse()
+            if refusal == 404:
+                raise cold_start_error(404, f"sampler {sampler.id}: no replica is serving yet")
+            if refusal == 503:
+                raise cold_start_error(
+                    503, f"sampler {sampler.id} is starting", self.settings.cold_start_retry_after
+                )
         header = request.headers.get("x-sampler-id")
         if header is not None and header != sampler.id:
             raise InvalidRequest(
@@ -134,9 +174,10 @@ class SamplingHandlers:
 
     def _info(self, request: Request, sampler: Sampler) -> SamplerInfo:
         base = str(request.base_url).rstrip("/")
+        sync = "/sync" if self.hosted else ""
         return SamplerInfo(
             id=sampler.id,
-            base_url=f"{base}/samplers/{sampler.id}",
+            base_url=f"{base}/samplers/{sampler.id}{sync}",
             base_model=sampler.base_model,
             model_id=sampler.model_id,
             deployment_id=sampler.deployment_id,
@@ -147,10 +188,11 @@ class SamplingHandlers:
 
     async def create_sampler(self, request: Request) -> Response:
         """``POST {team}/samplers``: a paired sampler (``run_id``; the same one per run) or a
-        standalone one (``base_model`` or a ``model_path`` checkpoint)."""
+        standalone one (``base_model`` or a ``model_path`` checkpoint); shared when the body
+        says ``"scope": "serverless"`` or the server runs with ``shared_samplers``."""
         self._team(request)
         self._not_shutting_down()
-        req = _decode(CreateSamplerRequest, await request.body())
+        req = _decode(CreateSamplerRequestIn, await request.body())
         if req.session_id not in self.state.sessions:
             raise InvalidRequest(
                 f"session_id: unknown session {req.session_id!r} (create one with POST /sessions)"
@@ -166,7 +208,10 @@ class SamplingHandlers:
             raise _raise(exc) from None
         return _json(CreateSamplerResponse(sampler=self._info(request, sampler)))
 
-    def _create_paired(self, req: CreateSamplerRequest) -> Sampler:
+    def _shared(self, req: CreateSamplerRequestIn) -> bool:
+        return self.settings.shared_samplers or req.scope == SERVERLESS_SCOPE
+
+    def _create_paired(self, req: CreateSamplerRequestIn) -> Sampler:
         assert req.run_id is not None
         run = self.state.runs.get(req.run_id)
         if run is None:
@@ -183,9 +228,9 @@ class SamplingHandlers:
             )
         if req.max_seq_length is not None:
             self._context(run.spec, req.max_seq_length)
-        return self.service.create_paired(run, req.session_id)
+        return self.service.create_paired(run, req.session_id, shared=self._shared(req))
 
-    def _create_standalone(self, req: CreateSamplerRequest) -> Sampler:
+    def _create_standalone(self, req: CreateSamplerRequestIn) -> Sampler:
         checkpoint: CheckpointRef | None = None
         if req.model_path is not None:
             ref, _, record = self.state.storage.resolve(req.model_path, "model_path")
@@ -206,7 +251,7 @@ class SamplingHandlers:
             )
         context = self._context(spec, req.max_seq_length)
         return self.service.create_standalone(
-            spec, req.session_id, context=context, checkpoint=checkpoint
+            spec, req.session_id, context=context, checkpoint=checkpoint, shared=self._shared(req)
         )
 
     @staticmethod
@@ -234,7 +279,10 @@ class SamplingHandlers:
 
     async def deployment(self, request: Request) -> Response:
         """``GET /v1/models/<model_id>/deployments/<deployment_id>``: DEPLOYING, ACTIVE or
-        DEPLOY_FAILED."""
+        DEPLOY_FAILED. (Hosted profile: 404 without ``error_class`` — "no status here", the
+        readiness gate a client must skip.)"""
+        if self.hosted:
+            raise cold_start_error(404, "no deployment status is served here")
         model_id = request.path_params["model_id"]
         deployment_id = request.path_params["deployment_id"]
         sampler = self.service.by_model.get(model_id)
@@ -252,10 +300,13 @@ class SamplingHandlers:
     # ----------------------------------------------------------------- sampler
 
     async def sample(self, request: Request) -> Response:
-        """``POST /samplers/<id>/sample``: generate; 200 with the choices and the
-        ``x-trainers-policy-version`` that served them."""
+        """``POST {sampler}/sample``: generate; 200 with the choices and the
+        ``x-trainers-policy-version`` that served them (a shared sampler: 202 and an
+        operation)."""
         sampler = self._sampler(request)
         self._not_shutting_down()
+        if sampler.shared:
+            return await self._sample_shared(request, sampler)
         body = _decode(SampleBody, await request.body())
         req = validate_sample(body, context=sampler.context, vocab_size=sampler.vocab_size)
         min_version = _min_version(request.headers)
@@ -276,6 +327,123 @@ class SamplingHandlers:
             media_type="application/json",
             headers={POLICY_VERSION_HEADER: str(version)},
         )
+
+    # ----------------------------------------------------------------- shared samplers
+
+    async def _sample_shared(self, request: Request, sampler: Sampler) -> Response:
+        """A shared sampler's ``/sample``: 202 ``{"operation_id", "schema_version"}``; a retry
+        with a known ``Idempotency-Key`` gets the same operation."""
+        operations = sampler.operations
+        assert operations is not None
+        key = request.headers.get("idempotency-key")
+        raw = await request.body()
+        existing = operations.find_key(key)
+        if existing is None:
+            body = _decode(SampleBody, raw)
+            req = validate_sample(
+                body, context=sampler.context, vocab_size=sampler.vocab_size, shared=True
+            )
+            adapter = await self._shared_adapter(request, sampler, body)
+            existing = operations.find_key(key)  # a copy may have arrived meanwhile
+            if existing is None:
+                op = operations.admit(key, 0 if adapter is None else adapter.version)
+                try:
+                    self.service.start_soon(
+                        run_sample, sampler.worker, op, adapter, req, name=f"sample {op.id}"
+                    )
+                except SamplerError as exc:
+                    op.fail(exc.detail, exc.error_class or "SamplerError")
+                    raise _raise(exc) from None
+                existing = op
+        return _json(
+            {"operation_id": existing.id, "schema_version": OPERATION_SCHEMA_VERSION},
+            202,
+            {"Location": f"/operations/{existing.id}"},
+        )
+
+    async def _shared_adapter(
+        self, request: Request, sampler: Sampler, body: SampleBody
+    ) -> AdapterRef | None:
+        """The adapter a shared-sampler request names (``lora``, else ``X-Checkpoint-Path``;
+        neither: the base model, or a standalone sampler's ``model_path``), through the
+        sampler's cache by checkpoint name: the first weights loaded under a name keep being
+        served (the hosted behaviour, PROTOCOL.md §8)."""
+        names = {sampler.base_model}
+        if sampler.spec.path is not None:
+            names.add(str(sampler.spec.path))
+        if body.model is None:
+            raise InvalidRequest(
+                f"model: a shared sampler needs the base model in the body ({sampler.base_model!r})"
+            )
+        if body.model not in names:
+            raise InvalidRequest(
+                f"model: {body.model!r} is not the base model {sampler.base_model!r} of sampler "
+                f"{sampler.id!r}"
+            )
+        header = request.headers.get("x-checkpoint-path")
+        lora = body.lora
+        if lora is not None and not isinstance(lora, str):
+            raise InvalidRequest(f"lora: expected a bt:// checkpoint path or null, got {lora!r}")
+        uri, field = (lora, "lora") if lora is not None else (header, "X-Checkpoint-Path")
+        if lora is not None and header is not None and header.strip() != lora.strip():
+            raise InvalidRequest(
+                f"lora: {lora!r} differs from the X-Checkpoint-Path header {header!r}"
+            )
+        if uri is None:
+            if sampler.checkpoint is None:
+                return None
+            uri, field = sampler.checkpoint.uri, "model_path"
+        cache = sampler.adapters
+        assert cache is not None
+        ref = parse_checkpoint_uri(uri.strip(), field)
+        hit = cache.get(ref.run_id, ref.name)
+        if hit is not None:
+            return hit
+        return await cache.load(ref.run_id, ref.name, sampler.pinned_adapter(uri, field))
+
+    def _shared_op(self, request: Request) -> tuple[Sampler, SampleOperation]:
+        sampler = self._sampler(request)
+        op_id = request.path_params["op_id"]
+        op = None if sampler.operations is None else sampler.operations.get(op_id)
+        if op is None:
+            raise HTTPError(
+                404,
+                f"unknown operation id {op_id!r} for sampler {sampler.id} (never submitted, "
+                "or its result expired)",
+            )
+        return sampler, op
+
+    async def retrieve(self, request: Request) -> Response:
+        """``GET {sampler}/operations/<id>`` (shared samplers): held up to ``poll_hold``; 200
+        ``{"status": "done", "result": {"choices": [...]}}`` (with
+        ``x-trainers-policy-version``) or ``{"status": "error", ...}``; 408 not yet; 404
+        unknown or expired; 503 shutting down."""
+        sampler, op = self._shared_op(request)
+        operations = sampler.operations
+        assert operations is not None
+        if not op.finished and not self.state.shutting_down:
+            await operations.wait(op, self.settings.poll_hold)
+        if op.finished:
+            assert op.body is not None
+            return Response(
+                op.body,
+                media_type="application/json",
+                headers={POLICY_VERSION_HEADER: str(op.version)},
+            )
+        self._not_shutting_down()
+        raise HTTPError(408, f"operation {op.id} is still running; poll again")
+
+    async def cancel(self, request: Request) -> Response:
+        """``POST {sampler}/operations/<id>/cancel`` (shared samplers): 200 cancelled (the
+        sample is abandoned), 409 already finished, 404 unknown."""
+        sampler, op = self._shared_op(request)
+        await request.body()
+        assert sampler.operations is not None
+        if sampler.operations.cancel(op.id) == "cancelled":
+            return _json({"operation_id": op.id, "status": "cancelled"})
+        raise HTTPError(409, f"operation {op.id} is finished; it can no longer be cancelled")
+
+    # ----------------------------------------------------------------- sampler routes
 
     async def models(self, request: Request) -> Response:
         """``GET /samplers/<id>/v1/models``: the base model (``parent: null``) and the adapters
@@ -307,7 +475,11 @@ class SamplingHandlers:
         self._not_shutting_down()
         worker = sampler.worker
         if worker.status == "DEPLOY_FAILED":
-            raise HTTPError(503, f"the sampler's model failed to load: {worker.load_error}")
+            raise HTTPError(
+                503,
+                f"the sampler's model failed to load: {worker.load_error}",
+                error_class="SamplerLoadError",
+            )
         if worker.status != "ACTIVE":
             raise HTTPError(
                 503,
@@ -324,9 +496,9 @@ class SamplingHandlers:
         )
 
     async def wake(self, request: Request) -> Response:
-        """``POST /samplers/<id>/wake``: local samplers never scale to zero; 200 with the
-        deployment status."""
-        sampler = self._sampler(request)
+        """``POST /samplers/<id>/wake`` (beside ``{sampler}``, never under ``/sync``): local
+        samplers never scale to zero; 200 with the deployment status."""
+        sampler = self._sampler(request, cold=False)
         await request.body()
         return _json({"status": sampler.worker.status})
 
@@ -353,7 +525,8 @@ class SamplingHandlers:
         size = _int_param(params.get("page_size"), "page_size", MAX_PAGE_SIZE, 1, MAX_PAGE_SIZE)
         start = _int_param(params.get("page_token"), "page_token", 0, 0, 2**31)
         files = self.state.storage.checkpoint_files(directory)
-        base = str(request.base_url).rstrip("/")
+        # Hosted profile: presigned storage on another origin; else this server's own port.
+        base = self.state.storage_url or str(request.base_url).rstrip("/")
         page: list[CheckpointFile] = []
         for rel, path in files[start : start + size]:
             stat = path.stat()
@@ -399,10 +572,16 @@ class SamplingHandlers:
     async def download(self, request: Request) -> Response:
         """``GET /files/<token>``: the bytes of one checkpoint file (404 for any invalid,
         altered or expired token)."""
-        path = self.links.resolve(request.path_params["token"])
-        if path is None:
-            raise HTTPError(404, "no such file (unknown, altered or expired link)")
-        return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+        return file_response(self.state, request.path_params["token"])
+
+
+def file_response(state: ServerState, token: str) -> Response:
+    """The bytes of the checkpoint file a signed ``/files/<token>`` link names;
+    :class:`HTTPError` 404 for any invalid, altered or expired token."""
+    path = state.links.resolve(token)
+    if path is None:
+        raise HTTPError(404, "no such file (unknown, altered or expired link)")
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
 def _iso(timestamp: float) -> str:
@@ -413,8 +592,12 @@ def _iso(timestamp: float) -> str:
 
 
 def sampler_control_routes(h: SamplingHandlers, prefix: str) -> list[BaseRoute]:
-    """``POST {prefix}/samplers`` (``prefix`` = ``/v1/loops`` or the team form)."""
-    return [Route(f"{prefix}/samplers", h.create_sampler, methods=["POST"])]
+    """``POST {prefix}/samplers`` and ``{prefix}/debug/samplers`` (``prefix`` =
+    ``/v1/loops`` or the team form)."""
+    return [
+        Route(f"{prefix}/samplers", h.create_sampler, methods=["POST"]),
+        Route(f"{prefix}/debug/samplers", h.create_sampler, methods=["POST"]),
+    ]
 
 
 def checkpoint_routes(h: SamplingHandlers) -> list[BaseRoute]:
@@ -429,13 +612,17 @@ def checkpoint_routes(h: SamplingHandlers) -> list[BaseRoute]:
 
 
 def sampler_routes(h: SamplingHandlers) -> list[BaseRoute]:
-    """The routes under ``/samplers/<sampler_id>`` and ``/files/<token>``."""
-    base = "/samplers/{sampler_id}"
+    """The routes under ``/samplers/<sampler_id>`` (``.../sync`` in the hosted profile; wake
+    beside it) and ``/files/<token>``."""
+    home = "/samplers/{sampler_id}"
+    base = f"{home}/sync" if h.hosted else home
     return [
         Route(f"{base}/sample", h.sample, methods=["POST"]),
         Route(f"{base}/v1/models", h.models, methods=["GET"]),
         Route(f"{base}/trainers_policy_version", h.policy_version, methods=["GET"]),
         Route(f"{base}/health", h.health, methods=["GET"]),
-        Route(f"{base}/wake", h.wake, methods=["POST"]),
+        Route(f"{base}/operations/{{op_id}}/cancel", h.cancel, methods=["POST"]),
+        Route(f"{base}/operations/{{op_id}}", h.retrieve, methods=["GET"]),
+        Route(f"{home}/wake", h.wake, methods=["POST"]),
         Route("/files/{token}", h.download, methods=["GET"]),
     ]

@@ -14,11 +14,16 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-__all__ = ["DEFAULT_DATA_DIR", "LOG_LEVELS", "BackendName", "ServerSettings"]
+__all__ = ["DEFAULT_DATA_DIR", "LOG_LEVELS", "BackendName", "ProfileName", "ServerSettings"]
 
 BackendName = Literal["torch", "null"]
 """The training backends the server can run: ``torch`` (real training) or ``null`` (instant
 synthetic results of the right shapes, for client benchmarks)."""
+
+ProfileName = Literal["local", "hosted"]
+"""How the server behaves at the edges: ``local`` (the reference behaviour) or ``hosted`` (the
+rough edges of the hosted service a client must survive, PROTOCOL.md §8: sampler URLs under
+``/sync``, cold starts, presigned storage on another origin)."""
 
 DEFAULT_DATA_DIR = Path(".loops-data")
 """Where ``loops-async serve`` keeps runs and checkpoints unless told otherwise."""
@@ -63,6 +68,23 @@ class ServerSettings:
     many samples in flight the way a real model does (benchmarks)."""
     log_level: str = "info"
     """Log level of the server's loggers (uvicorn's names: debug, info, warning, ...)."""
+    profile: ProfileName = "local"
+    """``local``: the reference behaviour. ``hosted``: reproduce the hosted service's rough
+    edges (PROTOCOL.md §8; see ``docs/local-server.md``, "Hosted profile")."""
+    cold_start_requests: int = 2
+    """Hosted profile: how many requests a new deployment refuses in each cold-start phase (a
+    dedicated sampler: this many 404s, then this many 503s; a trainer: this many ``/health``
+    503s and this many op-submit 404s). 0 = no cold starts. Ignored by the local profile."""
+    cold_start_retry_after: float = 1.0
+    """Hosted profile: the ``Retry-After`` seconds of a cold-start 503."""
+    storage_port: int = 0
+    """Hosted profile: TCP port of the presigned-storage listener (0 = any free port)."""
+    shared_samplers: bool = False
+    """Make every sampler shared (serverless: ``model_id`` null, the operation protocol), as
+    ``"scope": "serverless"`` does for one. Both profiles."""
+    omit_result_paths: bool = False
+    """Answer ``save_state`` / ``save_weights_for_sampler`` without ``path`` (as older hosted
+    trainers do). Both profiles."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -84,6 +106,30 @@ class ServerSettings:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 <= value < math.inf:
                 raise ValueError(f"{name}: must be >= 0 seconds, got {value!r}")
+        if self.profile not in get_args(ProfileName):
+            raise ValueError(
+                f"profile: must be one of {get_args(ProfileName)}, got {self.profile!r}"
+            )
+        if (
+            isinstance(self.cold_start_requests, bool)
+            or not isinstance(self.cold_start_requests, int)
+            or self.cold_start_requests < 0
+        ):
+            raise ValueError(
+                f"cold_start_requests: must be an integer >= 0, got {self.cold_start_requests!r}"
+            )
+        value = self.cold_start_retry_after
+        if not isinstance(value, int | float) or not 0 <= value <= 3600:
+            raise ValueError(f"cold_start_retry_after: must be in 0..3600 seconds, got {value!r}")
+        if not isinstance(self.storage_port, int) or not 0 <= self.storage_port <= 65535:
+            raise ValueError(
+                f"storage_port: must be an integer in 0..65535, got {self.storage_port!r}"
+            )
+        for name in ("shared_samplers", "omit_result_paths"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(  # noqa: TRY004 (every settings error is a ValueError)
+                    f"{name}: must be true or false, got {getattr(self, name)!r}"
+                )
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level: must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
@@ -110,10 +156,20 @@ class ServerSettings:
         return cls(**values)
 
 
-_INT_FIELDS = frozenset({"port", "max_body_bytes", "seed"})
+_INT_FIELDS = frozenset({"port", "max_body_bytes", "seed", "cold_start_requests", "storage_port"})
 _FLOAT_FIELDS = frozenset(
-    {"poll_hold", "result_ttl", "seq_gap_timeout", "null_delay", "null_sample_delay"}
+    {
+        "poll_hold",
+        "result_ttl",
+        "seq_gap_timeout",
+        "null_delay",
+        "null_sample_delay",
+        "cold_start_retry_after",
+    }
 )
+_BOOL_FIELDS = frozenset({"shared_samplers", "omit_result_paths"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 
 def _parse_env(name: str, raw: str) -> Any:
@@ -125,6 +181,13 @@ def _parse_env(name: str, raw: str) -> Any:
             return float(raw)
     except ValueError:
         raise ValueError(f"{var}: not a number: {raw!r}") from None
+    if name in _BOOL_FIELDS:
+        text = raw.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError(f"{var}: not a boolean (1/0, true/false, yes/no, on/off): {raw!r}")
     if name == "data_dir":
         return Path(raw).expanduser()
     return raw

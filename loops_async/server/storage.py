@@ -14,16 +14,22 @@ mixture and never nothing. The superseded directory is deleted afterwards.
 Names and ids are validated by :func:`validate_name` (1-128 characters of ``[A-Za-z0-9._-]``,
 not starting with ``.``) and ``bt://loops:<run_id>/weights|sampler_weights/<name>`` URIs by
 :func:`parse_checkpoint_uri`; every rejection is an :class:`InvalidRequest` naming the field.
+
+``load_state`` may also read a checkpoint from outside the data directory
+(:meth:`Storage.load_source`): ``file:///abs/dir`` or an absolute directory path in the server's
+on-disk format. Such a directory is only ever read, never written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
 import shutil
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,14 +40,15 @@ from typing import Literal
 import msgspec
 
 from .._codec import encode as _encode
-from ..types import Checkpoint
-from .backend import InvalidRequest
+from ..types import Checkpoint, LoraAdapterConfig
+from .backend import ADAPTER_FILES, InvalidRequest, has_optimizer_state
 
 __all__ = [
     "CHECKPOINT_METADATA",
     "CheckpointKind",
     "CheckpointRecord",
     "CheckpointRef",
+    "LoadSource",
     "Storage",
     "parse_checkpoint_uri",
     "validate_name",
@@ -141,6 +148,63 @@ class CheckpointRecord(Checkpoint, kw_only=True):
 
 _record_decoder = msgspec.json.Decoder(CheckpointRecord)
 
+_MAX_CONFIG_BYTES = 1 << 20
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+@dataclass(frozen=True)
+class LoadSource:
+    """A checkpoint directory ``load_state`` reads: one of this server's checkpoints, or a
+    local directory in the server's on-disk format (see :meth:`Storage.load_source`)."""
+
+    directory: Path
+    uri: str
+    """How the client named it (a ``bt://`` URI, a ``file://`` URI or a path), for messages."""
+    base_model: str | None
+    """The base model it was trained on, when known."""
+    lora_rank: int | None
+    """Its adapter rank, when known."""
+    with_optimizer: bool
+    """Whether it holds optimizer state (``load_state_with_optimizer`` needs it)."""
+
+
+def _external_source(directory: Path, shown: str, field: str) -> LoadSource:
+    """Check a local checkpoint directory (read only): PEFT adapter files and a readable
+    ``adapter_config.json``; :class:`InvalidRequest` naming ``field`` otherwise."""
+    fmt = (
+        "a checkpoint directory in this server's format holds the PEFT adapter files "
+        f"({', '.join(ADAPTER_FILES)}), plus the optimizer state for load_state_with_optimizer"
+    )
+    try:
+        if not directory.is_dir():
+            raise InvalidRequest(f"{field}: {shown} is not an existing directory ({fmt})")
+        for name in ADAPTER_FILES:
+            if not (directory / name).is_file():
+                raise InvalidRequest(f"{field}: {shown} holds no {name} ({fmt})")
+        config_file = directory / ADAPTER_FILES[0]
+        if config_file.stat().st_size > _MAX_CONFIG_BYTES:
+            raise InvalidRequest(f"{field}: {shown}/{config_file.name} is too large")
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or UTF-8, NUL in the path
+        if isinstance(exc, InvalidRequest):
+            raise
+        raise InvalidRequest(f"{field}: cannot read the checkpoint in {shown}: {exc}") from None
+    if not isinstance(config, dict):
+        raise InvalidRequest(f"{field}: {shown}/{ADAPTER_FILES[0]} is not a JSON object")
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InvalidRequest(
+            f"{field}: {shown}/{ADAPTER_FILES[0]} has no valid LoRA rank 'r' (got {rank!r})"
+        )
+    base = config.get("base_model_name_or_path")
+    return LoadSource(
+        directory=directory,
+        uri=shown,
+        base_model=base if isinstance(base, str) and base else None,
+        lora_rank=rank,
+        with_optimizer=has_optimizer_state(directory),
+    )
+
 
 class Storage:
     """The data directory. Methods do blocking file I/O: call them from a worker thread for
@@ -214,7 +278,7 @@ class Storage:
                 checkpoint_type=_TYPES[ref.kind],
                 created_at=datetime.fromtimestamp(now, UTC).isoformat(),
                 base_model=base_model,
-                lora_adapter_config={"r": lora_rank},
+                lora_adapter_config=LoraAdapterConfig(r=lora_rank),
                 size_bytes=size,
                 sync_status="synced",
                 target=ref.target,
@@ -277,6 +341,52 @@ class Storage:
                 "name, expired, or saved under another data directory)"
             )
         return ref, found[0], found[1]
+
+    def load_source(self, path: object, field: str = "path") -> LoadSource:
+        """What a ``load_state`` ``path`` names: ``bt://loops:<run>/weights|sampler_weights/
+        <name>`` (a checkpoint of this server), ``file:///abs/dir`` or an absolute directory
+        path (a checkpoint in the server's on-disk format, e.g. one downloaded with
+        ``/files``; only read, never written). ``s3://`` and anything else are an
+        :class:`InvalidRequest` naming ``field``."""
+        if not isinstance(path, str) or not path:
+            raise InvalidRequest(f"{field}: expected a checkpoint path, got {path!r}")
+        shown = path if len(path) <= 300 else path[:300] + "..."
+        if path.startswith("bt://"):
+            ref, directory, record = self.resolve(path, field)
+            config = record.lora_adapter_config
+            return LoadSource(
+                directory=directory,
+                uri=ref.uri,
+                base_model=record.base_model,
+                lora_rank=None if config is None else config.r,
+                with_optimizer=record.with_optimizer,
+            )
+        if path.lower().startswith("s3://"):
+            raise InvalidRequest(
+                f"{field}: s3:// checkpoints are not available on the local server; download it "
+                f"and pass a local path (got {shown!r})"
+            )
+        if path.lower().startswith("file:"):
+            parts = urllib.parse.urlsplit(path)
+            if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+                raise InvalidRequest(
+                    f"{field}: {shown!r} is not a local file URI (file:///absolute/directory)"
+                )
+            local = urllib.parse.unquote(parts.path)
+        elif _SCHEME_RE.match(path):
+            raise InvalidRequest(
+                f"{field}: {shown!r}: unsupported scheme; the local server loads "
+                "bt://loops:<run_id>/weights/<name>, file:///absolute/directory or an absolute "
+                "directory path"
+            )
+        else:
+            local = path
+        if not os.path.isabs(local):
+            raise InvalidRequest(
+                f"{field}: {shown!r} is neither a checkpoint URI of this server "
+                "(bt://loops:<run_id>/weights/<name>) nor an absolute directory path"
+            )
+        return _external_source(Path(local), shown, field)
 
     def list_run(self, run_id: str) -> list[CheckpointRecord]:
         """Every live checkpoint of a run (both kinds), oldest first. Unknown run: empty."""

@@ -51,7 +51,7 @@ import torch
 from .._wire import ForwardBackwardRequest
 from ..types import AdamParams, ForwardBackwardOutput, InitTrainerServerResponse, OptimStepResponse
 from ..types import TensorData as _TensorData
-from .backend import InvalidRequest
+from .backend import OPTIMIZER_FILE, TRAINER_STATE_FILE, InvalidRequest
 from .lora import (
     AdapterFormatError,
     adapter_state_dict,
@@ -79,8 +79,6 @@ from .validation import (
 
 __all__ = ["OPTIMIZER_FILE", "TRAINER_STATE_FILE", "TorchTrainer"]
 
-OPTIMIZER_FILE = "optimizer.safetensors"
-TRAINER_STATE_FILE = "trainer_state.json"
 _STATE_FORMAT = 1
 _OUTPUT_TYPE = "ArrayRecord"
 # Defaults for optional float inputs that some datums of a call carry and others do not.

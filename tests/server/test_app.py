@@ -96,7 +96,10 @@ def test_unknown_ids_404(trainer: Trainer, client: httpx.Client) -> None:
     assert "unknown run" in r.json()["detail"]
     assert client.post("/runs/run-nope/forward", json={}).status_code == 404
     assert client.post(trainer.url("no_such_op"), json={}).status_code == 404
-    assert client.get("/nope").json() == {"detail": "no route GET /nope"}
+    assert client.get("/nope").json() == {
+        "detail": "no route GET /nope",
+        "error_class": "NotFoundError",
+    }
     assert client.delete("/v1/loops/checkpoints").status_code == 405
     assert "detail" in client.delete("/v1/loops/checkpoints").json()
 
