@@ -3,7 +3,7 @@
 ::
 
     loops-async serve [--host 127.0.0.1] [--port 8700] [--data-dir DIR] [--backend torch|null]
-                      [--api-key KEY] [--seed N] [--log-level info]
+                      [--api-key KEY] [--allowed-host NAME ...] [--seed N] [--log-level info]
                       [--profile local|hosted] [--cold-start-requests N]
                       [--cold-start-retry-after S] [--storage-port PORT]
                       [--shared-samplers] [--omit-result-paths]
@@ -33,7 +33,11 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Run the local Loops server (trainer + control plane) until interrupted. "
         "Flags override LOOPS_ASYNC_* environment variables.",
     )
-    p.add_argument("--host", help="interface to bind (default 127.0.0.1: local connections only)")
+    p.add_argument(
+        "--host",
+        help="interface to bind (default 127.0.0.1: local connections only; any other "
+        "address needs an API key)",
+    )
     p.add_argument("--port", type=int, help="TCP port (default 8700; 0 = any free port)")
     p.add_argument("--data-dir", help="where runs and checkpoints live (default ./.loops-data)")
     p.add_argument(
@@ -45,6 +49,14 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--api-key",
         help="require 'Authorization: Api-Key <key>' on every request (prefer the "
         "LOOPS_ASYNC_API_KEY environment variable: flags are visible in the process list)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a Host name (or name:port, or '*' for any) requests may be addressed to besides "
+        "127.0.0.1, localhost and [::1]; repeatable (env LOOPS_ASYNC_ALLOWED_HOSTS, "
+        "comma-separated)",
     )
     p.add_argument("--seed", type=int, help="default seed of new trainers (default 0)")
     p.add_argument(
@@ -106,6 +118,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             data_dir=None if args.data_dir is None else Path(args.data_dir).expanduser(),
             backend=args.backend,
             api_key=args.api_key,
+            allowed_hosts=None if not args.allowed_host else tuple(args.allowed_host),
             seed=args.seed,
             log_level=args.log_level,
             profile=args.profile,

@@ -1,5 +1,10 @@
 """Run the local server: in-process on a background thread (:class:`LocalServer`, for tests,
-examples and benchmarks) or in the foreground (:func:`serve`, for ``loops-async serve``)."""
+examples and benchmarks) or in the foreground (:func:`serve`, for ``loops-async serve``).
+
+Download tokens (``/files/<token>``: their own credential, like presigned URLs) never reach the
+logs: the ``uvicorn.access`` logger of every server started here redacts them
+(:class:`RedactFileTokens`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -26,12 +32,53 @@ from .app import create_app, get_state, get_storage_app
 from .runs import ServerState
 from .settings import ServerSettings
 
-__all__ = ["LocalServer", "embedded", "serve"]
+__all__ = ["LocalServer", "RedactFileTokens", "embedded", "serve"]
 
 logger = logging.getLogger("loops_async.server")
 
+LOCAL_SERVER_MAX_RUNS = 1024
+"""``max_runs`` of a :class:`LocalServer` unless given (the CLI's default is 64)."""
+
 _GRACEFUL_SHUTDOWN_S = 5.0
 _START_TIMEOUT_S = 60.0
+
+
+_FILE_TOKEN = re.compile(r"/files/[^/?#\s\"]+")
+REDACTED = "/files/<redacted>"
+"""What a ``/files/<token>`` path becomes in the logs."""
+
+
+def _redact(text: str) -> str:
+    return _FILE_TOKEN.sub(REDACTED, text)
+
+
+class RedactFileTokens(logging.Filter):
+    """A logging filter that replaces every ``/files/<token>`` download token in a record (its
+    message and its arguments: uvicorn's access log passes the path as an argument) with
+    ``/files/<redacted>``. It never drops a record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact ``record`` in place; always True."""
+        if isinstance(record.msg, str) and "/files/" in record.msg:
+            record.msg = _redact(record.msg)
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(a, str) and "/files/" in a for a in args):
+            record.args = tuple(_redact(a) if isinstance(a, str) else a for a in args)
+        elif isinstance(args, dict) and any(
+            isinstance(a, str) and "/files/" in a for a in args.values()
+        ):
+            record.args = {k: _redact(v) if isinstance(v, str) else v for k, v in args.items()}
+        return True
+
+
+_REDACT_FILE_TOKENS = RedactFileTokens()
+
+
+def _install_log_redaction() -> None:
+    """Put the token filter on uvicorn's loggers (idempotent; after uvicorn configured its
+    logging, which keeps filters anyway)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).addFilter(_REDACT_FILE_TOKENS)
 
 
 class _CompanionServer(uvicorn.Server):
@@ -97,7 +144,7 @@ class _UvicornServer(uvicorn.Server):
 def _uvicorn_config(
     app: Starlette, settings: ServerSettings, *, quiet: bool, lifespan: bool = True
 ) -> uvicorn.Config:
-    return uvicorn.Config(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -109,6 +156,8 @@ def _uvicorn_config(
         timeout_graceful_shutdown=int(_GRACEFUL_SHUTDOWN_S),
         server_header=False,
     )
+    _install_log_redaction()  # after Config(), which (re)configures uvicorn's loggers
+    return config
 
 
 def _origin(host: str, port: int) -> str:
@@ -189,8 +238,9 @@ class LocalServer:
 
     ``LocalServer(**overrides)`` takes :class:`ServerSettings` fields (``backend="null"``,
     ``poll_hold=1.0``, ``api_key="k"``, ...). Defaults differ from the CLI's: ``port=0`` (a free
-    port, chosen when the socket is bound) and a fresh temporary ``data_dir`` that is deleted on
-    :meth:`stop` (a ``data_dir`` you pass is kept).
+    port, chosen when the socket is bound), a fresh temporary ``data_dir`` that is deleted on
+    :meth:`stop` (a ``data_dir`` you pass is kept), and ``max_runs=1024`` (a test session's
+    shared server accumulates runs; ``loops-async serve`` keeps 64).
 
     Use it as a context manager (``with LocalServer(backend="null") as srv: ...``) or call
     :meth:`start` / :meth:`stop`. ``url`` is the base URL (``http://127.0.0.1:54321``) and
@@ -202,6 +252,7 @@ class LocalServer:
     def __init__(self, **overrides: Any) -> None:
         overrides.setdefault("port", 0)
         overrides.setdefault("log_level", "warning")
+        overrides.setdefault("max_runs", LOCAL_SERVER_MAX_RUNS)
         self._temp_dir: Path | None = None
         self._cleanup: weakref.finalize[Any, Any] | None = None
         if overrides.get("data_dir") is None:
@@ -261,6 +312,15 @@ class LocalServer:
         if self._app is None:
             raise RuntimeError("LocalServer is not started")
         return get_state(self._app)
+
+    @property
+    def app(self) -> Starlette:
+        """The ASGI app (after :meth:`start`).
+
+        ``loops_async.server.app.get_body_gate(server.app)`` and its siblings read its parts."""
+        if self._app is None:
+            raise RuntimeError("LocalServer is not started")
+        return self._app
 
     @property
     def data_dir(self) -> Path:

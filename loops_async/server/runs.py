@@ -46,7 +46,7 @@ from .file_links import FileLinks
 from .hosted import TrainerColdStart
 from .models import ModelSpec
 from .operations import Operation, OperationLog
-from .sampler import SamplerService
+from .sampler_registry import SamplerService
 from .settings import ServerSettings
 from .storage import CheckpointRef, Storage
 
@@ -170,7 +170,12 @@ class Run:
         self.published: tuple[int, str] | None = None
         """The last ``save_weights_for_sampler`` with ``bump_version``: (version, path)."""
         self.ops = OperationLog(
-            seq_gap_timeout=settings.seq_gap_timeout, result_ttl=settings.result_ttl, name=run_id
+            seq_gap_timeout=settings.seq_gap_timeout,
+            result_ttl=settings.result_ttl,
+            name=run_id,
+            max_results=settings.max_results_per_run,
+            max_result_bytes=settings.max_result_bytes_per_run,
+            max_seq_ahead=settings.max_seq_ahead,
         )
         self.cold_start = TrainerColdStart.for_settings(settings)
         """What the run still refuses while "starting" (hosted profile; nothing locally)."""
@@ -229,7 +234,12 @@ class Run:
         found = self._storage.lookup(self.initial_checkpoint)
         if found is None:
             raise InvalidRequest(f"path: checkpoint {self.initial_checkpoint.uri} no longer exists")
-        return backend.load_state(found[0], with_optimizer=False)
+        try:
+            return backend.load_state(found[0], with_optimizer=False)
+        except FileNotFoundError:
+            raise InvalidRequest(
+                f"path: checkpoint {self.initial_checkpoint.uri} vanished while it was being loaded"
+            ) from None
 
     # ----------------------------------------------------------------------- execution
 
@@ -282,9 +292,14 @@ class Run:
             assert isinstance(req, LoadStateRequest)
             with_optimizer = kind == "load_state_with_optimizer"
             source = self._storage.load_source(req.path, "path")
-            step = await self._call(
-                backend.load_state, source.directory, with_optimizer=with_optimizer
-            )
+            try:
+                step = await self._call(
+                    backend.load_state, source.directory, with_optimizer=with_optimizer
+                )
+            except FileNotFoundError:  # deleted or replaced while it was being read
+                raise InvalidRequest(
+                    f"path: checkpoint {req.path} vanished while it was being loaded"
+                ) from None
             self.policy_version = backend.step
             if source.lora_rank is not None:
                 self.lora_rank = source.lora_rank

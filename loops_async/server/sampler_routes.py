@@ -24,7 +24,7 @@ A *shared* sampler (``"scope": "serverless"`` in the ``POST /samplers`` body, or
 with ``shared_samplers``) has ``model_id`` and ``deployment_id`` null and answers ``/sample``
 with 202 and an operation (:mod:`~loops_async.server.shared_sampler`).
 
-Errors follow :mod:`~loops_async.server.app`: invalid input is a 422 ``ValidationError`` naming
+Errors follow :mod:`~loops_async.server.http`: invalid input is a 422 ``ValidationError`` naming
 the field (headers by their canonical name, e.g. ``X-Min-Policy-Version``); ``/sample`` answers
 408 while the live adapter is behind ``X-Min-Policy-Version`` (the client retries) and 503 while
 the server shuts down or when the model failed to load.
@@ -32,7 +32,9 @@ the server shuts down or when the model failed to load.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import os
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from .._codec import encode as _encode
@@ -56,11 +58,14 @@ from .._wire import (
     ValidateCheckpointRequest,
 )
 from ..types import CheckpointFile
-from .app import HTTPError, _decode, _json, cold_start_error
 from .backend import ADAPTER_FILES, InvalidRequest
+from .http import BodyGate, HandlerBase, HTTPError, _decode, _json, cold_start_error, drain
 from .models import ModelSpec, UnknownModelError, resolve_model
 from .runs import ServerState
-from .sampler import AdapterRef, SampleBody, Sampler, SamplerError, validate_sample
+from .sampler_batcher import SamplerError
+from .sampler_engine import AdapterRef, GenerationRequest
+from .sampler_registry import Sampler
+from .sampler_validation import SampleBody, validate_sample
 from .shared_sampler import SampleOperation, run_sample
 from .storage import CheckpointRecord, CheckpointRef, parse_checkpoint_uri, validate_name
 
@@ -117,31 +122,27 @@ def _min_version(headers: Mapping[str, str]) -> int | None:
     return int(text)
 
 
-class SamplingHandlers:
-    """The route handlers of samplers and checkpoint files, bound to one
-    :class:`~loops_async.server.runs.ServerState`."""
+def _parse_sample(
+    raw: bytes, *, context: int, vocab_size: int, shared: bool = False
+) -> tuple[SampleBody, GenerationRequest]:
+    """Decode and validate a ``/sample`` body (pure: a large one runs on a worker thread)."""
+    body = _decode(SampleBody, raw)
+    return body, validate_sample(body, context=context, vocab_size=vocab_size, shared=shared)
 
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
-        self.settings = state.settings
+
+class SamplingHandlers(HandlerBase):
+    """The route handlers of samplers and checkpoint files, bound to one
+    :class:`~loops_async.server.runs.ServerState` (bodies go through ``gate``, the app's
+    :class:`~loops_async.server.http.BodyGate`)."""
+
+    def __init__(self, state: ServerState, gate: BodyGate | None = None) -> None:
+        super().__init__(state, gate)
         self.service = state.samplers
         self.links = state.links
         self.hosted = state.settings.profile == "hosted"
         """Hosted profile: routes under ``/sync``, cold starts, no deployment status."""
 
     # ----------------------------------------------------------------- helpers
-
-    def _team(self, request: Request) -> None:
-        team = request.path_params.get("team_id")
-        if team is not None and team != ServerState.TEAM_ID:
-            raise HTTPError(
-                404,
-                f"unknown team {team!r}; the local server has one team, {ServerState.TEAM_ID!r}",
-            )
-
-    def _not_shutting_down(self) -> None:
-        if self.state.shutting_down:
-            raise HTTPError(503, "the server is shutting down", error_class="ServerShutdownError")
 
     def _sampler(self, request: Request, *, cold: bool = True) -> Sampler:
         """The sampler a ``{sampler}/...`` route names, its routing headers checked. A new
@@ -192,7 +193,7 @@ class SamplingHandlers:
         says ``"scope": "serverless"`` or the server runs with ``shared_samplers``."""
         self._team(request)
         self._not_shutting_down()
-        req = _decode(CreateSamplerRequestIn, await request.body())
+        req = await self.gate.parse(request, lambda raw: _decode(CreateSamplerRequestIn, raw))
         if req.session_id not in self.state.sessions:
             raise InvalidRequest(
                 f"session_id: unknown session {req.session_id!r} (create one with POST /sessions)"
@@ -307,8 +308,10 @@ class SamplingHandlers:
         self._not_shutting_down()
         if sampler.shared:
             return await self._sample_shared(request, sampler)
-        body = _decode(SampleBody, await request.body())
-        req = validate_sample(body, context=sampler.context, vocab_size=sampler.vocab_size)
+        parse = functools.partial(
+            _parse_sample, context=sampler.context, vocab_size=sampler.vocab_size
+        )
+        _, req = await self.gate.parse(request, parse)
         min_version = _min_version(request.headers)
         pinned = request.headers.get("x-checkpoint-path")
         try:
@@ -336,14 +339,15 @@ class SamplingHandlers:
         operations = sampler.operations
         assert operations is not None
         key = request.headers.get("idempotency-key")
-        raw = await request.body()
-        existing = operations.find_key(key)
-        if existing is None:
-            body = _decode(SampleBody, raw)
-            req = validate_sample(
-                body, context=sampler.context, vocab_size=sampler.vocab_size, shared=True
-            )
-            adapter = await self._shared_adapter(request, sampler, body)
+        parse = functools.partial(
+            _parse_sample, context=sampler.context, vocab_size=sampler.vocab_size, shared=True
+        )
+        async with self.gate.body(request) as body:
+            existing = operations.find_key(key)
+            parsed = None if existing is not None else await body.run(parse)
+        if parsed is not None:
+            adapter = await self._shared_adapter(request, sampler, parsed[0])
+            req = parsed[1]
             existing = operations.find_key(key)  # a copy may have arrived meanwhile
             if existing is None:
                 op = operations.admit(key, 0 if adapter is None else adapter.version)
@@ -355,6 +359,7 @@ class SamplingHandlers:
                     op.fail(exc.detail, exc.error_class or "SamplerError")
                     raise _raise(exc) from None
                 existing = op
+        assert existing is not None
         return _json(
             {"operation_id": existing.id, "schema_version": OPERATION_SCHEMA_VERSION},
             202,
@@ -437,7 +442,7 @@ class SamplingHandlers:
         """``POST {sampler}/operations/<id>/cancel`` (shared samplers): 200 cancelled (the
         sample is abandoned), 409 already finished, 404 unknown."""
         sampler, op = self._shared_op(request)
-        await request.body()
+        await drain(request)
         assert sampler.operations is not None
         if sampler.operations.cancel(op.id) == "cancelled":
             return _json({"operation_id": op.id, "status": "cancelled"})
@@ -499,7 +504,7 @@ class SamplingHandlers:
         """``POST /samplers/<id>/wake`` (beside ``{sampler}``, never under ``/sync``): local
         samplers never scale to zero; 200 with the deployment status."""
         sampler = self._sampler(request, cold=False)
-        await request.body()
+        await drain(request)
         return _json({"status": sampler.worker.status})
 
     # ----------------------------------------------------------------- checkpoints
@@ -529,7 +534,10 @@ class SamplingHandlers:
         base = self.state.storage_url or str(request.base_url).rstrip("/")
         page: list[CheckpointFile] = []
         for rel, path in files[start : start + size]:
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except OSError:  # deleted (or replaced) since the lookup: it is gone
+                raise HTTPError(404, f"checkpoint {ref.uri} was deleted") from None
             page.append(
                 CheckpointFile(
                     url=f"{base}/files/{self.links.token(ref, directory, rel)}",
@@ -552,7 +560,7 @@ class SamplingHandlers:
         """``POST /v1/loops/checkpoints/validate``: 200 ``{"valid": true, ...}`` when the
         checkpoint exists and holds a loadable adapter (and fits ``run_id``'s base model when
         that is another run); 422 naming the field otherwise."""
-        req = _decode(ValidateCheckpointRequest, await request.body())
+        req = await self.gate.parse(request, lambda raw: _decode(ValidateCheckpointRequest, raw))
         ref, directory, record = self.state.storage.resolve(req.checkpoint_path, "checkpoint_path")
         for name in ADAPTER_FILES:
             if not (directory / name).is_file():
@@ -581,7 +589,28 @@ def file_response(state: ServerState, token: str) -> Response:
     path = state.links.resolve(token)
     if path is None:
         raise HTTPError(404, "no such file (unknown, altered or expired link)")
-    return FileResponse(path, media_type="application/octet-stream", filename=path.name)
+    try:
+        # An open file stays readable when the checkpoint is deleted or replaced meanwhile.
+        handle = path.open("rb")
+    except OSError:
+        raise HTTPError(404, "no such file (deleted since the link was made)") from None
+    size = os.fstat(handle.fileno()).st_size
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            while data := await anyio.to_thread.run_sync(handle.read, 1 << 20):
+                yield data
+        finally:
+            handle.close()
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{path.name}"',
+        },
+    )
 
 
 def _iso(timestamp: float) -> str:

@@ -57,8 +57,31 @@ class ServerSettings:
     """Seconds an operation's result is kept after it finished; later retrieves get 404."""
     seq_gap_timeout: float = 5.0
     """Seconds the run executor waits for a missing ``seq_id`` before skipping it."""
-    max_body_bytes: int = 64 * 1024 * 1024
-    """Largest request body accepted; larger ones get 413 without being read."""
+    max_seq_ahead: int = 1_000_000
+    """How far beyond a run's next expected ``seq_id`` a submit's ``seq_id`` may be; one further
+    ahead gets 422 (so one absurd ``seq_id`` cannot leave every real one behind)."""
+    max_results_per_run: int = 10_000
+    """How many finished operation results a run keeps; beyond it the oldest are forgotten
+    (a retrieve then gets 404, as after ``result_ttl``)."""
+    max_result_bytes_per_run: int = 256 * 1024 * 1024
+    """Bytes of finished operation results a run keeps; beyond it the oldest are forgotten
+    (the newest is always kept). Unfinished operations are never forgotten."""
+    max_body_bytes: int = 32 * 1024 * 1024
+    """Largest request body accepted; larger ones get 413 without being read. The default
+    leaves headroom above the client's 24 MiB request chunks."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Names a request's ``Host`` header may carry besides loopback (``127.0.0.1``,
+    ``localhost``, ``[::1]``) and the bound ``host``: ``name`` (any port), ``name:port``, or
+    ``*`` (any host). A string is read as a comma-separated list. Others get 400."""
+    max_concurrent_decodes: int = 2
+    """How many large request bodies (over 1 MiB) are read and decoded at once; the others
+    wait their turn (bounded memory)."""
+    max_sessions: int = 1000
+    """Most sessions kept; ``POST /sessions`` beyond it answers 429 (idle ones are forgotten
+    first)."""
+    max_runs: int = 64
+    """Most live runs; ``POST /trainers`` beyond it answers 429 (``DELETE /v1/loops/runs/<id>``
+    frees a slot)."""
     seed: int = 0
     """Default seed of new trainers (a ``POST /trainers`` body may override it)."""
     null_delay: float = 0.0
@@ -130,12 +153,44 @@ class ServerSettings:
                 raise ValueError(  # noqa: TRY004 (every settings error is a ValueError)
                     f"{name}: must be true or false, got {getattr(self, name)!r}"
                 )
+        hosts: Any = self.allowed_hosts
+        if isinstance(hosts, str):
+            hosts = hosts.split(",")
+        if not isinstance(hosts, list | tuple) or not all(isinstance(h, str) for h in hosts):
+            raise ValueError(f"allowed_hosts: must be a list of host names, got {hosts!r}")
+        hosts = tuple(h.strip().lower() for h in hosts if h.strip())
+        for h in hosts:
+            if any(c.isspace() or c in "/@\\?#," for c in h):
+                raise ValueError(f"allowed_hosts: not a host name or host:port: {h!r}")
+        object.__setattr__(self, "allowed_hosts", hosts)
+        for name in ("max_concurrent_decodes", "max_sessions", "max_runs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.api_key is None:
+            import ipaddress
+
+            bind = self.host.strip().strip("[]").lower()
+            try:
+                loopback = bind == "localhost" or ipaddress.ip_address(bind).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise ValueError(
+                    f"host: {self.host!r} is not a loopback address, so anyone who can reach "
+                    "the port could drive the server: set an API key (LOOPS_ASYNC_API_KEY or "
+                    "--api-key) to listen there, or bind 127.0.0.1"
+                )
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level: must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
             raise ValueError(
                 f"max_body_bytes: must be a positive integer, got {self.max_body_bytes!r}"
             )
+        for name in ("max_seq_ahead", "max_results_per_run", "max_result_bytes_per_run"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
 
     def replace(self, **changes: Any) -> ServerSettings:
         """A copy with ``changes`` applied (and validated)."""
@@ -156,7 +211,21 @@ class ServerSettings:
         return cls(**values)
 
 
-_INT_FIELDS = frozenset({"port", "max_body_bytes", "seed", "cold_start_requests", "storage_port"})
+_INT_FIELDS = frozenset(
+    {
+        "port",
+        "max_body_bytes",
+        "seed",
+        "cold_start_requests",
+        "storage_port",
+        "max_seq_ahead",
+        "max_results_per_run",
+        "max_result_bytes_per_run",
+        "max_concurrent_decodes",
+        "max_sessions",
+        "max_runs",
+    }
+)
 _FLOAT_FIELDS = frozenset(
     {
         "poll_hold",

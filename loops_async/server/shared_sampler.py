@@ -32,7 +32,8 @@ from .._codec import encode as _encode
 from .._wire import SampleAnswer
 from .backend import ADAPTER_FILES, InvalidRequest
 from .operations import CANCELLED_ERROR_CLASS, operation_id_for_key
-from .sampler import AdapterRef, EngineWorker, GenerationRequest, SamplerError
+from .sampler_batcher import EngineWorker, SamplerError
+from .sampler_engine import AdapterRef, GenerationRequest
 
 __all__ = [
     "SHARED_CACHE_DIR",

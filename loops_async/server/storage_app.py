@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .app import (
+from .http import (
     HTTPError,
     _error_body,
     _on_http_error,

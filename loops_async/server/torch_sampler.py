@@ -6,9 +6,10 @@ time):
 
 1. The adapter is put in place: the LoRA matrices of the served checkpoint are copied into the
    model's :class:`~loops_async.server.lora.LoRALinear` layers (read from the checkpoint
-   directory once, then kept in an LRU of :data:`~loops_async.server.sampler.ADAPTER_CACHE_SIZE`
-   state dicts); the base model is served with every ``lora_B`` zeroed, which is exactly the base
-   model. Nothing is copied when the batch uses the adapter already in place.
+   directory once, then kept in an LRU of
+   :data:`~loops_async.server.sampler_engine.ADAPTER_CACHE_SIZE` state dicts); the base model is
+   served with every ``lora_B`` zeroed, which is exactly the base model. Nothing is copied when
+   the batch uses the adapter already in place.
 2. The batch's sequences (``n`` per request) are split into chunks that fit the KV-cache budget.
    For each chunk the distinct prompts are left-padded and prefilled once (attention mask,
    position ids counted from each prompt's first real token), and the cache rows are repeated
@@ -55,7 +56,7 @@ from .lora import (
     read_adapter,
 )
 from .models import ModelSpec
-from .sampler import (
+from .sampler_engine import (
     ADAPTER_CACHE_SIZE,
     MAX_BATCH_ROWS,
     AdapterRef,
@@ -121,7 +122,7 @@ class _Sequence:
 
 class TorchSamplerEngine:
     """Generation for one base model (implements
-    :class:`~loops_async.server.sampler.SamplerEngine`).
+    :class:`~loops_async.server.sampler_engine.SamplerEngine`).
 
     Args:
         spec: the base model (built-in, or a local Hugging Face directory).

@@ -215,13 +215,24 @@ def validate_forward_request(req: ForwardBackwardRequest, spec: ModelSpec) -> No
 
     Checks the datum list, token ids and lengths, chunk types, ``loss_fn`` and its config keys,
     the presence, dtype, shape and values of ``loss_fn_inputs``, ``top_k_logprobs`` and the
-    pairing rule of ``dpo``. Costs a numpy conversion of the request, no model work.
+    pairing rule of ``dpo``. Costs a numpy conversion of one datum at a time (never a second
+    copy of the whole request), no model work.
     """
-    prepare_forward_request(req, spec)
+    loss, _config, _top_k = _check_request(req)
+    for i, datum in enumerate(req.data):
+        _prepare_datum(i, datum, loss, spec)
 
 
 def prepare_forward_request(req: ForwardBackwardRequest, spec: ModelSpec) -> PreparedRequest:
     """Validate ``req`` like :func:`validate_forward_request` and return its arrays."""
+    loss, config, top_k = _check_request(req)
+    data = [_prepare_datum(i, datum, loss, spec) for i, datum in enumerate(req.data)]
+    return PreparedRequest(loss_fn=req.loss_fn, config=config, data=data, top_k_logprobs=top_k)
+
+
+def _check_request(req: ForwardBackwardRequest) -> tuple[LossSpec, dict[str, ConfigValue], int]:
+    """The request-level checks (before any datum's): the loss, its config, ``top_k_logprobs``
+    and the datum count."""
     loss = LOSS_SPECS.get(req.loss_fn)
     if loss is None:
         raise InvalidRequest(
@@ -244,8 +255,7 @@ def prepare_forward_request(req: ForwardBackwardRequest, spec: ModelSpec) -> Pre
             f"data: loss_fn 'dpo' takes (chosen, rejected) pairs interleaved, so an even number "
             f"of datums; got {len(req.data)}"
         )
-    data = [_prepare_datum(i, datum, loss, spec) for i, datum in enumerate(req.data)]
-    return PreparedRequest(loss_fn=req.loss_fn, config=config, data=data, top_k_logprobs=top_k)
+    return loss, config, top_k
 
 
 def resolve_loss_config(loss_fn: str, config: Mapping[str, Any] | None) -> dict[str, ConfigValue]:
@@ -411,7 +421,7 @@ def _prepare_tokens(where: str, model_input: Any, spec: ModelSpec) -> npt.NDArra
     chunks = getattr(model_input, "chunks", None)
     if not chunks:
         raise InvalidRequest(f"{where}.model_input: empty (no chunks); a datum needs tokens")
-    parts: list[list[int]] = []
+    parts: list[Any] = []  # lists of ints, or ArrayData (server/decode.py)
     for j, chunk in enumerate(chunks):
         if isinstance(chunk, ImageChunk):
             raise InvalidRequest(
@@ -435,7 +445,11 @@ def _prepare_tokens(where: str, model_input: Any, spec: ModelSpec) -> npt.NDArra
     out = np.empty(total, dtype=np.int64)
     for j, part in enumerate(parts):
         try:
-            arr = np.asarray(part, dtype=np.int64)
+            arr = (
+                part.array.astype(np.int64, copy=False)
+                if isinstance(part, ArrayData) and part.array.dtype.kind == "i"
+                else np.asarray(part, dtype=np.int64)
+            )
         except (OverflowError, TypeError, ValueError):
             raise InvalidRequest(
                 f"{where}.model_input.chunks[{j}].tokens: token ids must be integers in "

@@ -337,7 +337,9 @@ def test_422_control_plane(client: httpx.Client, trainer: Trainer) -> None:
         },
     )
     assert_422(r, "path")
-    r = client.post("/v1/loops/trainers", content=b"[]")
+    r = client.post(
+        "/v1/loops/trainers", content=b"[]", headers={"Content-Type": "application/json"}
+    )
     assert_422(r, "invalid request body")
     assert_422(client.get("/v1/loops/checkpoints"), "run_id")
     assert_422(client.get("/v1/loops/checkpoints", params={"run_id": "../x"}), "run_id")
@@ -480,7 +482,11 @@ def test_body_limit() -> None:
                 yield b"[" + b"1," * 50 + b"1],"
             yield b"]}"
 
-        r = c.post(t.url("forward_backward"), content=chunks())
+        r = c.post(
+            t.url("forward_backward"),
+            content=chunks(),
+            headers={"Content-Type": "application/json"},
+        )
         assert r.status_code == 413
         _still_serving(c)
         t.seq = 1  # the rejected bodies were never admitted

@@ -46,7 +46,12 @@ def _raw(trainer: Trainer, op: str, body: bytes | str, **headers: str) -> httpx.
     return trainer.client.post(
         trainer.url(op),
         content=body,
-        headers={"X-Run-Id": trainer.id, "Idempotency-Key": uuid.uuid4().hex, **headers},
+        headers={
+            "X-Run-Id": trainer.id,
+            "Idempotency-Key": uuid.uuid4().hex,
+            "Content-Type": "application/json",
+            **headers,
+        },
     )
 
 
@@ -105,23 +110,36 @@ def test_deeply_nested_json_is_422(trainer: Trainer, client: httpx.Client, depth
     r = client.post(
         "/v1/loops/trainers",
         content=b'{"session_id": "s", "base_model": "m", "lora_rank": 1, "x": ' + obj + b"}",
+        headers={"Content-Type": "application/json"},
     )
     assert_422(r, "nested")
     _serving(trainer)
 
 
-def test_wrong_content_types_are_read_as_json(trainer: Trainer) -> None:
-    # The body is JSON whatever the header says; garbage is a 422, never a 415 or a 5xx.
-    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+def test_wrong_content_types_are_415(trainer: Trainer) -> None:
+    # What a web page can POST without a CORS preflight is refused before it is read (a 415,
+    # never a 5xx); a JSON type with parameters is fine, and garbage declared JSON is a 422.
+    for ctype in (
+        "text/plain",
+        "text/plain;charset=UTF-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ):
         r = trainer.post(
-            "optim_step", trainer.body(adam_params={}), headers={"Content-Type": ctype}
+            "optim_step",
+            trainer.body(trainer.seq + 1, adam_params={}),
+            headers={"Content-Type": ctype},
         )
-        assert r.status_code == 202, r.text
-        assert _wait(trainer, r.json()["operation_id"]).json()["status"] == "done"
-    r = _raw(
-        trainer, "optim_step", b"a=1&b=2", **{"Content-Type": "application/x-www-form-urlencoded"}
+        assert r.status_code == 415, r.text
+        assert r.json()["error_class"] == "UnsupportedMediaTypeError"
+    r = trainer.post(
+        "optim_step",
+        trainer.body(adam_params={}),
+        headers={"Content-Type": "Application/JSON; charset=utf-8"},
     )
-    assert_422(r, "not valid JSON")
+    assert r.status_code == 202, r.text
+    assert _wait(trainer, r.json()["operation_id"]).json()["status"] == "done"
+    assert_422(_raw(trainer, "optim_step", b"a=1&b=2"), "not valid JSON")
     _serving(trainer)
 
 
@@ -139,12 +157,14 @@ def test_seq_id_beyond_int64_is_422(trainer: Trainer, seq_id: str) -> None:
 def test_huge_seq_gap_is_skipped_without_materialising_it(
     trainer: Trainer, server: LocalServer
 ) -> None:
-    # A seq_id far ahead leaves a gap of ~2**62 missing seq_ids: the executor must skip it in
+    # A seq_id far ahead leaves a gap of ~10**6 missing seq_ids: the executor must skip it in
     # O(1), not build a list of every missing id (that ran out of memory and killed the run).
-    big = 2**62
+    # Beyond max_seq_ahead (10**6) a seq_id is refused outright: it would wedge the run.
+    run = server.state.runs[trainer.id]
+    assert_422(trainer.post("optim_step", trainer.body(2**62, adam_params={})), "seq_id")
+    big = run.ops.next_seq + server.settings.max_seq_ahead
     op = trainer.submit("optim_step", seq_id=big, adam_params={})
     assert _wait(trainer, op).json()["status"] == "done"
-    run = server.state.runs[trainer.id]
     assert run.status == "ACTIVE"
     assert run.ops.next_seq == big + 1
     assert len(run.ops.skipped_seqs) <= 1000
@@ -388,13 +408,14 @@ def test_big_valid_body_just_under_the_cap() -> None:
         n = 2_000_000 // len(json.dumps(d)) - 1
         body = json.dumps(t.body(data=[d] * n)).encode()
         assert 1_500_000 < len(body) <= 2_000_000
-        op = c.post(t.url("forward"), content=body, headers={"Idempotency-Key": "big"})
+        json_type = {"Content-Type": "application/json"}
+        op = c.post(t.url("forward"), content=body, headers={"Idempotency-Key": "big", **json_type})
         assert op.status_code == 202, op.text
         assert len(_wait(t, op.json()["operation_id"]).json()["result"]["loss_fn_outputs"]) == n
         # One token list just under the cap: over the context length, a quick 422.
         big = json.dumps(t.body(t.seq + 1, data=[datum(list(range(1, 1000)) * 150)])).encode()
         assert 1_000_000 < len(big) <= 2_000_000
-        assert_422(c.post(t.url("forward"), content=big), "context length")
+        assert_422(c.post(t.url("forward"), content=big, headers=json_type), "context length")
 
         def chunked() -> Iterator[bytes]:  # no Content-Length, over the cap
             yield b'{"seq_id": 3, "run_id": null, "model": "m", "data": [' + b"1," * 1000
@@ -402,7 +423,7 @@ def test_big_valid_body_just_under_the_cap() -> None:
                 yield b"1," * 25_000
             yield b"1]}"
 
-        r = c.post(t.url("forward"), content=chunked())
+        r = c.post(t.url("forward"), content=chunked(), headers=json_type)
         assert r.status_code == 413
         assert c.get(t.url("health")).status_code == 200
 
@@ -599,7 +620,11 @@ def test_concurrent_duplicate_submit_gets_the_same_operation(
                 c.post(
                     trainer.url("forward"),
                     content=slow_body(),
-                    headers={"Idempotency-Key": key, "X-Run-Id": trainer.id},
+                    headers={
+                        "Idempotency-Key": key,
+                        "X-Run-Id": trainer.id,
+                        "Content-Type": "application/json",
+                    },
                 )
             )
 
@@ -634,7 +659,11 @@ def test_cancel_races(null_server: LocalServer) -> None:
     trainer.seq = s + 2  # s + 1 is a gap: skipped after the gap timeout
     done = trainer.run_op("optim_step", adam_params={})
     assert done["metrics"]["step"] == 1.0
-    r = client.post(trainer.url(f"operations/{ahead}/cancel"), content=b"x" * 100)
+    r = client.post(
+        trainer.url(f"operations/{ahead}/cancel"),
+        content=b"x" * 100,
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 200
     client.close()
 

@@ -547,7 +547,11 @@ def test_bad_input_is_422_and_the_sampler_keeps_serving(base: Sampler) -> None:
     ]
     for fields, needle in cases:
         assert_422(base.post({**body(prompt), **fields}), needle)
-    r = base.client.post(f"{base.base_url}/sample", content=b"{not json")
+    r = base.client.post(
+        f"{base.base_url}/sample",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
     assert_422(r, "JSON")
     assert_422(base.post(body(prompt), {"X-Sampler-Id": "sampler-other"}), "X-Sampler-Id")
     assert base.client.post(f"{base.base_url}x/sample", json=body(prompt)).status_code == 404
