@@ -10,8 +10,9 @@ import os
 import random
 import threading
 import time
+import urllib.request
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import httpx
 import msgspec
 
 from . import errors
+from ._direct import DirectPool
 from ._loop import current_loop, running_loop
 from ._version import __version__
 
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("loops_async")
+_httpx_log = logging.getLogger("httpx")
 
 USER_AGENT = f"loops-async/{__version__}"
 POLL_READ_TIMEOUT = 35.0
@@ -316,6 +319,9 @@ probes, whose own loops decide)."""
 class _LaneClient:
     client: httpx.AsyncClient
     limiter: anyio.Semaphore
+    direct: DirectPool | None = None
+    """The loop's direct path (see :mod:`loops_async._direct`), shared by its lanes; ``None``
+    with a custom transport or proxies from the environment."""
 
 
 @dataclass(slots=True)
@@ -329,6 +335,14 @@ class _LoopClients:
     def clients(self) -> list[httpx.AsyncClient]:
         """The distinct HTTP clients of this loop's lanes."""
         return list({id(lane.client): lane.client for lane in self.lanes.values()}.values())
+
+    async def aclose(self) -> None:
+        """Close this loop's connections (call it on this loop)."""
+        pools = {id(lane.direct): lane.direct for lane in self.lanes.values() if lane.direct}
+        for pool in pools.values():
+            await pool.aclose()
+        for client in self.clients():
+            await client.aclose()
 
     def token(self) -> anyio.lowlevel.EventLoopToken | None:
         native = self.native()
@@ -414,6 +428,8 @@ class Transport:
             headers.update(extra_headers)
         self._headers = headers
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0), pool=None)
+        self._timeouts: dict[str, float | None] = self._timeout.as_dict()
+        self._read_timeouts: dict[float, dict[str, float | None]] = {}
         self._lane_limits = {Lane.CONTROL: max_connections, Lane.SAMPLING: sampling}
         self._custom_transport = transport
         self._loops: dict[int, _LoopClients] = {}
@@ -458,26 +474,38 @@ class Transport:
                 entry = self._loops[id(native)] = _LoopClients(
                     token.backend_class,
                     weakref.ref(native),
-                    self._new_lanes(),
+                    self._new_lanes(token.backend_class.current_time),
                 )
         if stale:
             log.debug("dropped the HTTP clients of %d finished event loop(s)", len(stale))
         return entry.lanes[lane]
 
-    def _new_lanes(self) -> dict[Lane, _LaneClient]:
+    def _new_lanes(self, clock: Callable[[], float]) -> dict[Lane, _LaneClient]:
         """One connection pool for the loop, sized to hold every lane's requests at once, and
         one in-flight limiter per lane: a request never waits in the pool, so a lane waits only
         for its own traffic, and warm connections are reused across lanes."""
         total = sum(self._lane_limits.values())
+        limits = httpx.Limits(max_connections=total, max_keepalive_connections=total)
         client = httpx.AsyncClient(
             headers=self._headers,
             timeout=self._timeout,
-            limits=httpx.Limits(max_connections=total, max_keepalive_connections=total),
+            limits=limits,
             transport=self._custom_transport,
             follow_redirects=False,
         )
+        direct = None
+        if (
+            self._custom_transport is None
+            and not _environment_proxies()
+            and os.environ.get("LOOPS_ASYNC_HTTP_DIRECT", "1") != "0"
+        ):
+            direct = DirectPool(
+                default_headers=list(client.headers.raw),
+                keepalive_expiry=limits.keepalive_expiry or 0.0,
+                clock=clock,
+            )
         return {
-            lane: _LaneClient(client, anyio.Semaphore(limit, fast_acquire=True))
+            lane: _LaneClient(client, anyio.Semaphore(limit, fast_acquire=True), direct)
             for lane, limit in self._lane_limits.items()
         }
 
@@ -496,6 +524,9 @@ class Transport:
         response become :class:`~loops_async.errors.TransportError` (or
         :class:`~loops_async.errors.ProtocolError`); statuses are left to the caller."""
         entry = self._lane(lane)
+        direct = entry.direct
+        if direct is not None and params is None and direct.accepts(url):
+            return await self._request_direct(entry, direct, method, url, content, headers, timeout)
         req_headers = dict(headers) if headers else {}
         if content is not None:
             req_headers.setdefault("Content-Type", "application/json")
@@ -517,6 +548,48 @@ class Transport:
             raise map_httpx_error(exc, method, url) from exc
         except httpx.InvalidURL as exc:
             raise errors.ProtocolError(f"invalid URL for {method} {url}: {exc}") from exc
+
+    async def _request_direct(
+        self,
+        entry: _LaneClient,
+        direct: DirectPool,
+        method: str,
+        url: str,
+        content: bytes | None,
+        headers: Mapping[str, str] | None,
+        timeout: float | None,
+    ) -> httpx.Response:
+        """:meth:`request` one level below httpx (:mod:`loops_async._direct`)."""
+        timeouts = self._timeouts if timeout is None else self._timeouts_for(timeout)
+        try:
+            async with entry.limiter:
+                response = await direct.send(
+                    method, url, content=content, headers=headers, timeouts=timeouts
+                )
+        except httpx.HTTPError as exc:
+            raise map_httpx_error(exc, method, url) from exc
+        if _httpx_log.isEnabledFor(logging.INFO):  # the line httpx logs for each request
+            _httpx_log.info(
+                'HTTP Request: %s %s "%s %d %s"',
+                method,
+                response.url,
+                response.http_version,
+                response.status_code,
+                response.reason_phrase,
+            )
+        if "set-cookie" in response.headers:
+            # From now on this loop goes through httpx, whose cookie jar sends them back.
+            entry.client.cookies.extract_cookies(response)
+            direct.enabled = False
+        return response
+
+    def _timeouts_for(self, read: float) -> dict[str, float | None]:
+        found = self._read_timeouts.get(read)
+        if found is None:
+            found = {**self._timeouts, "read": read}
+            if len(self._read_timeouts) < 64:
+                self._read_timeouts[read] = found
+        return found
 
     async def send(
         self,
@@ -632,8 +705,7 @@ class Transport:
             others: list[_LoopClients] = []
             for entry in entries:
                 if here is not None and entry.native() is here.native_token:
-                    for client in entry.clients():
-                        await client.aclose()
+                    await entry.aclose()
                 else:
                     others.append(entry)
             if others:
@@ -645,6 +717,12 @@ class Transport:
         """Close every loop's clients from a thread that runs no event loop, within
         ``timeout`` seconds (default :data:`CLOSE_TIMEOUT`)."""
         _close_on_their_loops(self._take_all(), CLOSE_TIMEOUT if timeout is None else timeout)
+
+
+def _environment_proxies() -> bool:
+    """Whether the environment names a proxy (httpx would route through it: keep httpx)."""
+    proxies = urllib.request.getproxies()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -688,13 +766,12 @@ def _close_on_their_loops(entries: list[_LoopClients], timeout: float) -> None:
         token = entry.token()
         if token is None:
             return
-        for client in entry.clients():
-            try:
-                anyio.from_thread.run(client.aclose, token=token)
-            except anyio.RunFinishedError:
-                return  # that loop is gone
-            except Exception:  # pragma: no cover - closing must not raise
-                log.debug("error closing an HTTP client", exc_info=True)
+        try:
+            anyio.from_thread.run(entry.aclose, token=token)
+        except anyio.RunFinishedError:
+            return  # that loop is gone
+        except Exception:  # pragma: no cover - closing must not raise
+            log.debug("error closing an HTTP client", exc_info=True)
 
     deadline = time.monotonic() + timeout
     threads = []

@@ -2,7 +2,10 @@
 
 One daemon thread, started on first use, runs an asyncio loop hosting an
 :class:`anyio.from_thread.BlockingPortal`. Every sync method is ``run(coroutine_fn, ...)`` on it,
-so the sync and async APIs share one implementation.
+so the sync and async APIs share one implementation. ``run`` hands the call over with one
+wake-up of the loop and is woken once when it finishes (``BlockingPortal.start_task_soon`` waits
+for a second hand-off, the spawn, and wakes the caller through a ``Condition``: about half the
+CPU of a sync round trip's portal crossings).
 
 - A sync call from a thread that runs an event loop (including the portal's own thread) raises
   :class:`~loops_async.errors.SyncInAsyncContextError` naming the ``*_async`` twin.
@@ -24,7 +27,7 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.abc
@@ -47,6 +50,8 @@ class _PortalThread:
     hosts: anyio.abc.TaskGroup
     """Hosts the per-client background task groups (see :mod:`loops_async._background`); each
     host catches its children's failures, so nothing can kill this group or the portal."""
+    calls: anyio.abc.TaskGroup
+    """Runs the sync API's calls (:func:`run`)."""
     token: anyio.lowlevel.EventLoopToken
 
     def __init__(self) -> None:
@@ -60,9 +65,12 @@ class _PortalThread:
         async def serve() -> None:
             async with BlockingPortal() as portal, anyio.create_task_group() as hosts:
                 self.hosts = hosts
-                self.token = anyio.lowlevel.current_token()
-                self.ready.set_result(portal)
-                await portal.sleep_until_stopped()
+                async with anyio.create_task_group() as calls:
+                    self.calls = calls
+                    self.token = anyio.lowlevel.current_token()
+                    self.ready.set_result(portal)
+                    await portal.sleep_until_stopped()
+                    calls.cancel_scope.cancel()
                 hosts.cancel_scope.cancel()
 
         try:
@@ -74,6 +82,23 @@ class _PortalThread:
                 log.error("the loops_async portal thread stopped", exc_info=True)
         finally:
             self.finished.set()
+
+    def submit(self, call: _Call[Any]) -> None:
+        """Start ``call`` on the loop (thread-safe, non-blocking; ``RuntimeError`` when the loop
+        has ended)."""
+        try:
+            self.token.backend_class.run_sync_soon(
+                call.start, (self.calls,), self.token.native_token
+            )
+        except anyio.RunFinishedError as exc:
+            raise RuntimeError("the loops_async portal has stopped") from exc
+
+    def cancel(self, call: _Call[Any]) -> None:
+        """Cancel ``call`` on the loop (thread-safe, non-blocking; nothing if it has ended)."""
+        try:
+            self.token.backend_class.run_sync_soon(call.cancel, (), self.token.native_token)
+        except (anyio.RunFinishedError, RuntimeError):
+            pass
 
     @property
     def alive(self) -> bool:
@@ -88,6 +113,75 @@ class _PortalThread:
                 pass
             self.thread.join(_STOP_TIMEOUT)
 
+
+class _Call(Generic[T]):
+    """One sync call on the portal's loop. The caller blocks on ``done``, a lock the loop
+    releases once, when the call has an outcome."""
+
+    __slots__ = ("args", "cancelled", "done", "error", "func", "result", "scope")
+
+    def __init__(self, func: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> None:
+        self.func = func
+        self.args = args
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+        self.scope: anyio.CancelScope | None = None
+        self.cancelled = False
+
+    def start(self, group: anyio.abc.TaskGroup) -> None:
+        """On the loop: spawn the call (or fail it, if it cannot be)."""
+        try:
+            group.start_soon(self._run)
+        except BaseException as exc:
+            self.error = exc
+            self.done.release()
+            if not isinstance(exc, Exception):
+                raise
+
+    def cancel(self) -> None:
+        """On the loop: cancel the call (before or after it started)."""
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    async def _run(self) -> None:
+        try:
+            with anyio.CancelScope() as scope:
+                self.scope = scope
+                if self.cancelled:
+                    scope.cancel()
+                self.result = await self.func(*self.args)
+            if scope.cancelled_caught:
+                self.error = concurrent.futures.CancelledError()
+        except anyio.get_cancelled_exc_class():
+            self.error = concurrent.futures.CancelledError()  # the portal is stopping
+            raise
+        except BaseException as exc:
+            self.error = exc
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit: as BlockingPortal
+        finally:
+            self.scope = None
+            self.done.release()
+
+    def wait(self, thread: _PortalThread) -> None:
+        """In the caller's thread: block until the call has an outcome."""
+        while not self.done.acquire(timeout=_LIVENESS_CHECK):
+            if not thread.alive:
+                raise RuntimeError("the loops_async portal stopped during a call")
+
+    def outcome(self) -> T:
+        """The call's result, or its exception raised."""
+        if self.error is not None:
+            error, self.error = self.error, None  # no reference cycle through the traceback
+            raise error
+        return self.result  # type: ignore[return-value]
+
+
+_LIVENESS_CHECK = 5.0
+"""Seconds between checks, while a sync call waits, that the portal's loop still runs."""
 
 _lock = threading.Lock()
 _current: _PortalThread | None = None
@@ -150,10 +244,13 @@ def run(func: Callable[..., Awaitable[T]], *args: Any, twin: str, **kwargs: Any)
     ensure_sync_context(twin)
     if kwargs:
         func = functools.partial(func, **kwargs)
-    future = get_portal().start_task_soon(func, *args)
+    thread = _portal_thread()
+    call = _Call(func, args)
+    thread.submit(call)
     try:
-        return future.result()
+        call.wait(thread)
     except BaseException:
         # KeyboardInterrupt (or anything else) while waiting: cancel the coroutine too.
-        future.cancel()
+        thread.cancel(call)
         raise
+    return call.outcome()

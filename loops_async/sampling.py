@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import uuid
+import os
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from ._operation import (
     accepted_operation_id,
     decode_body,
     idempotency_headers,
+    new_key,
     poll_operation,
 )
 from ._wire import (
@@ -57,6 +58,8 @@ __all__ = ["SamplerDeployment", "SamplingClient", "wait_deployment_active"]
 log = logging.getLogger("loops_async")
 
 MAX_TOP_K_PROMPT_LOGPROBS = 20
+_KEY_FROM_ENV = "<from BASETEN_API_KEY>"
+"""Stands for the API key in a pickled :class:`SamplingClient`: read from the environment."""
 POLICY_VERSION_HEADER = "x-trainers-policy-version"
 
 
@@ -198,7 +201,9 @@ class SamplingClient:
     asyncio or trio. Thousands of ``sample_async`` calls may be in flight at once.
 
     A sampling client is picklable: a copy made in another process opens its own connections
-    (with the same base URL, API key and routing headers).
+    (with the same base URL and routing headers). The API key is not pickled: the copy reads
+    ``BASETEN_API_KEY`` from its own environment, unless ``pickle_api_key`` was set to True
+    to carry the key in the pickle (in clear).
     """
 
     def __init__(
@@ -227,6 +232,7 @@ class SamplingClient:
         self._deployment = deployment
         self._pending: APIFuture[SamplingClient] | None = None
         self._closed = False
+        self._pickle_api_key = False
 
     def __repr__(self) -> str:
         pins = {
@@ -238,9 +244,33 @@ class SamplingClient:
 
     # ------------------------------------------------------------------ pickling
 
+    @property
+    def pickle_api_key(self) -> bool:
+        """Whether pickled copies carry the API key (in clear); False by default.
+
+        False: a copy reads ``BASETEN_API_KEY`` from the environment of the process that
+        unpickles it (and has no key when this client had none). True: the key is written
+        into the pickle, readable by anyone who can read the pickle; opt in for workers that
+        do not share the environment (``sampler.pickle_api_key = True``)."""
+        return self._pickle_api_key
+
+    @pickle_api_key.setter
+    def pickle_api_key(self, carry: bool) -> None:
+        self._pickle_api_key = bool(carry)
+
     def __getstate__(self) -> dict[str, Any]:
+        transport = self._transport.config()
+        if not self._pickle_api_key:
+            # Whether there was a key, never the key itself (nor a credential header).
+            transport["api_key"] = _KEY_FROM_ENV if transport.get("api_key") else None
+            transport["extra_headers"] = {
+                k: v
+                for k, v in (transport.get("extra_headers") or {}).items()
+                if k.lower() != "authorization"
+            }
         return {
-            "transport": self._transport.config(),
+            "transport": transport,
+            "pickle_api_key": self._pickle_api_key,
             "base_url": self._base_url,
             "base_model": self._base_model,
             "headers": dict(self._headers),
@@ -252,8 +282,11 @@ class SamplingClient:
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        transport = dict(state["transport"])
+        if transport.get("api_key") == _KEY_FROM_ENV:
+            transport["api_key"] = os.environ.get("BASETEN_API_KEY") or None
         self.__init__(  # type: ignore[misc]
-            transport=Transport(**state["transport"]),
+            transport=Transport(**transport),
             owns_transport=True,
             base_url=state["base_url"],
             base_model=state["base_model"],
@@ -264,6 +297,7 @@ class SamplingClient:
             lora=state["lora"],
             deployment=state.get("deployment"),
         )
+        self._pickle_api_key = bool(state.get("pickle_api_key", False))
 
     # ------------------------------------------------------------------ a future of itself
 
@@ -440,7 +474,7 @@ class SamplingClient:
         if self._shared and self._pending is not None and not self._pending.done():
             await self._pending.result_async()  # the pinned adapter must exist first
         headers = idempotency_headers(self._headers)
-        headers["X-Baseten-Session-ID"] = affinity_key or uuid.uuid4().hex
+        headers["X-Baseten-Session-ID"] = affinity_key or new_key()
         response = await self._transport.send(
             "POST",
             f"{self._base_url}/sample",

@@ -137,3 +137,26 @@ def test_service_client_local_talks_to_given_urls(null_server: LocalServer) -> N
         params = SamplingParams(max_tokens=2)
         assert client.sample(ModelInput.from_ints([1, 2]), sampling_params=params).sequences
         assert client.result(timeout=60) is client
+
+
+async def test_load_state_from_local_paths(
+    anyio_backend: str, null_server: LocalServer, tmp_path: Path
+) -> None:
+    """``load_state*`` take ``bt://``, ``file://`` and local directories; ``s3://`` is a clear
+    422 on the local server."""
+    from loops_async import errors as E
+
+    async with ServiceClient(null_server.url, heartbeat_interval=0) as service:
+        training = await service.create_lora_training_client_async(MODEL, 4)
+        await training.forward_backward_async([DATUM])
+        await training.optim_step_async(AdamParams(learning_rate=1e-3))
+        saved = await (await training.save_state_async("local"))
+        done = await training.download_checkpoint_async(saved.path, dest_dir=tmp_path / "ck")
+        by_path = await (await training.load_state_with_optimizer_async(str(done.dest_dir)))
+        assert by_path.step == 1
+        url = done.dest_dir.as_uri()
+        assert (await (await training.load_state_async(url))).step == 0
+        with pytest.raises(E.UnprocessableEntityError, match="s3://"):
+            await (await training.load_state_async("s3://bucket/ckpt"))
+        with pytest.raises(E.ValidationError, match="scheme"):
+            await training.load_state_async("gs://bucket/ckpt")

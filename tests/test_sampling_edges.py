@@ -232,13 +232,68 @@ def test_sync_sample_and_sync_in_loop_error() -> None:
     sampler.close()
 
 
-def test_pickled_copy_keeps_routing_but_not_secrets_in_repr() -> None:
-    sampler = client(Script(), **{"X-Run-Id": "run-9", "X-Checkpoint-Path": "bt://loops:r/x/y"})
-    copy = pickle.loads(pickle.dumps(sampler))
+def test_pickled_copy_keeps_routing_but_not_the_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "pickle-s3cret-key"
+    transport = Transport(
+        api_key=secret,
+        timeout=10,
+        max_connections=10,
+        transport=httpx.MockTransport(Script()),
+        extra_headers={"authorization": f"Api-Key {secret}", "X-Extra": "1"},
+    )
+    sampler = SamplingClient(
+        transport=transport,
+        owns_transport=True,
+        base_url=URL,
+        base_model="loops-local/tiny-chat",
+        headers={"X-Run-Id": "run-9", "X-Checkpoint-Path": "bt://loops:r/x/y"},
+        ready_timeout=5,
+        sample_timeout=5,
+    )
+    assert sampler.pickle_api_key is False
+    blob = pickle.dumps(sampler)
+    assert secret.encode() not in blob
+    # The copy takes the key of the environment it is unpickled in.
+    monkeypatch.setenv("BASETEN_API_KEY", "env-key")
+    copy = pickle.loads(blob)
     assert copy.checkpoint_path == "bt://loops:r/x/y"
     assert copy._headers["X-Run-Id"] == "run-9"
-    assert copy._transport._headers["Authorization"] == "Api-Key k"
+    assert copy._transport._headers["Authorization"] == "Api-Key env-key"
+    assert copy._transport._headers["X-Extra"] == "1"
     assert "Api-Key" not in repr(copy)
+    assert copy.pickle_api_key is False
+    # No key in the environment: no key at all.
+    monkeypatch.delenv("BASETEN_API_KEY")
+    keyless = pickle.loads(blob)
+    assert "Authorization" not in keyless._transport._headers
+    # Opting in carries the key (in clear), and the copy carries it on.
+    sampler.pickle_api_key = True
+    carried_blob = pickle.dumps(sampler)
+    assert secret.encode() in carried_blob
+    carried = pickle.loads(carried_blob)
+    assert carried._transport._headers["Authorization"] == f"Api-Key {secret}"
+    assert carried.pickle_api_key is True
+    assert secret.encode() in pickle.dumps(carried)
+    for c in (copy, keyless, carried, sampler):
+        c.close()
+
+
+def test_a_client_without_a_key_unpickles_without_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    transport = Transport(
+        api_key=None, timeout=10, max_connections=10, transport=httpx.MockTransport(Script())
+    )
+    sampler = SamplingClient(
+        transport=transport,
+        owns_transport=True,
+        base_url=URL,
+        base_model="loops-local/tiny-chat",
+        headers={"X-Sampler-Id": "s1"},
+        ready_timeout=5,
+        sample_timeout=5,
+    )
+    monkeypatch.setenv("BASETEN_API_KEY", "env-key")
+    copy = pickle.loads(pickle.dumps(sampler))
+    assert "Authorization" not in copy._transport._headers
     copy.close()
     sampler.close()
 
