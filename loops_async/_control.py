@@ -61,7 +61,7 @@ from .types import (
     ServerCapabilities,
 )
 
-__all__ = ["Control", "Settings", "wake_url"]
+__all__ = ["Control", "Settings"]
 
 T = TypeVar("T")
 log = logging.getLogger("loops_async")
@@ -71,17 +71,6 @@ CONTROL_PLANE_RETRY_WINDOW = 20.0
 PROVISION_READ_TIMEOUT = 300.0
 """Read timeout of ``POST /trainers``: provisioning may take minutes (PROTOCOL §8)."""
 _TERMINAL_DEPLOYMENT_STATES = frozenset({"FAILED", "STOPPED", "PREEMPTED"})
-_TERMINAL_SAMPLER_STATES = frozenset(
-    {
-        "DEPLOY_FAILED",
-        "UNHEALTHY",
-        "BUILD_FAILED",
-        "BUILD_STOPPED",
-        "DEACTIVATING",
-        "INACTIVE",
-        "FAILED",
-    }
-)
 _TEAMS_PATH = "/v1/teams"
 
 
@@ -90,11 +79,6 @@ def _run_id_of(trainer_url: str) -> str:
     ``""`` (no run id: ``X-Run-Id`` is not sent and ops carry ``run_id: null``)."""
     parts = trainer_url.rstrip("/").split("/")
     return parts[-1] if len(parts) >= 2 and parts[-2] == "runs" else ""
-
-
-def wake_url(sampler_base_url: str) -> str:
-    """A sampler's wake route: beside its routes, i.e. without a trailing ``/sync``."""
-    return f"{sampler_base_url.rstrip('/').removesuffix('/sync')}/wake"
 
 
 @dataclass(frozen=True, slots=True)
