@@ -162,6 +162,14 @@ class TrainerHandlers(HandlerBase):
         and token lists of ``forward`` / ``forward_backward`` come out numpy-backed
         (:mod:`~loops_async.server.decode`)."""
         req = decode_request(typ, body)
+        # Sent to the wrong run (or model): its seq_id belongs to another sequence, so this
+        # run must not pass over it.
+        if req.run_id is not None and req.run_id != run.id:
+            raise InvalidRequest(f"run_id: {req.run_id!r} does not match run {run.id!r}")
+        if req.model != run.base_model:
+            raise InvalidRequest(
+                f"model: {req.model!r} is not this run's base model {run.base_model!r}"
+            )
         try:
             self._validate_op(run, kind, req)
         except SubmitRejected:
@@ -171,12 +179,6 @@ class TrainerHandlers(HandlerBase):
         return req
 
     def _validate_op(self, run: Run, kind: str, req: Any) -> None:
-        if req.run_id is not None and req.run_id != run.id:
-            raise InvalidRequest(f"run_id: {req.run_id!r} does not match run {run.id!r}")
-        if req.model != run.base_model:
-            raise InvalidRequest(
-                f"model: {req.model!r} is not this run's base model {run.base_model!r}"
-            )
         run.ops.check_seq(kind, req.seq_id)
         if isinstance(req, InitTrainerServerRequest):
             validate_lora_rank(req.lora_rank)

@@ -432,3 +432,22 @@ def test_count_cap_over_http() -> None:
         assert _wait(trainer, ids[-1]).json()["status"] == "done"
         assert [trainer.poll(i).status_code for i in ids] == [404, 404, 200, 200, 200]
         assert srv.state.runs[trainer.id].ops.kept_results == 3
+
+
+def test_a_body_for_another_run_does_not_use_up_a_seq_id(
+    trainer: Trainer, server: LocalServer
+) -> None:
+    """A well-formed op sent to the wrong run (or model) is rejected without this run passing
+    over its seq_id: the op the client really meant for that seq still runs, in order, even
+    when a later seq arrives first."""
+    run = server.state.runs[trainer.id]
+    seq = run.ops.next_seq
+    wrong_run = {**trainer.body(seq, adam_params={}), "run_id": "run-elsewhere"}
+    assert_422(trainer.post("optim_step", wrong_run), "run_id")
+    wrong_model = {**trainer.body(seq, adam_params={}), "model": "other/model"}
+    assert_422(trainer.post("optim_step", wrong_model), "model")
+    later = trainer.submit("save_state", seq_id=seq + 1, name="after-step")
+    first = trainer.submit("optim_step", seq_id=seq, adam_params={})
+    assert trainer.result(first)["result"]["metrics"]["step"] == 1
+    assert trainer.result(later)["status"] == "done"
+    assert run.ops.skipped_seqs == []
