@@ -75,6 +75,8 @@ MAX_SEQ_ID = 2**63 - 1
 
 DEFAULT_MAX_SEQ_AHEAD = 1_000_000
 """How far beyond ``next_seq`` a ``seq_id`` may be, unless told otherwise."""
+DEFAULT_MAX_QUEUED = 1000
+"""How many operations a log holds queued (accepted, not started), unless told otherwise."""
 DEFAULT_MAX_RESULTS = 10_000
 """How many finished operations a log keeps, unless told otherwise."""
 DEFAULT_MAX_RESULT_BYTES = 256 * 1024 * 1024
@@ -86,6 +88,11 @@ _JSON_WHITESPACE = (b" ", b"\n", b"\r", b"\t")
 
 CANCELLED_ERROR_CLASS = "OperationCancelled"
 """``error_class`` of an operation that was cancelled before it ran."""
+
+
+class QueueFull(Exception):
+    """A run already holds ``max_queued`` operations that have not started: the submit may be
+    retried later (a 429 with ``Retry-After``)."""
 
 
 class SubmitRejected(InvalidRequest):
@@ -197,11 +204,13 @@ class OperationLog:
         max_results: int = DEFAULT_MAX_RESULTS,
         max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
         max_seq_ahead: int = DEFAULT_MAX_SEQ_AHEAD,
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
         for arg, value in (
             ("max_results", max_results),
             ("max_result_bytes", max_result_bytes),
             ("max_seq_ahead", max_seq_ahead),
+            ("max_queued", max_queued),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{arg}: must be a positive integer, got {value!r}")
@@ -211,6 +220,7 @@ class OperationLog:
         self.max_results = max_results
         self.max_result_bytes = max_result_bytes
         self.max_seq_ahead = max_seq_ahead
+        self.max_queued = max_queued
         self.evicted = 0
         """How many finished operations were forgotten early, to stay within the caps."""
         self.executions: Counter[str] = Counter()
@@ -384,6 +394,12 @@ class OperationLog:
         self.check_seq(kind, seq_id)
         if self._closed:
             raise RuntimeError("the operation log is closed")
+        if len(self._queued) >= self.max_queued and seq_id != self._next_seq:
+            # The next expected seq is always admitted: it is what lets the queue drain.
+            raise QueueFull(
+                f"run {self.name} already holds {len(self._queued)} queued operations "
+                f"(max_queued_ops); retry when some have run"
+            )
         now = anyio.current_time()
         if kind == "init_trainer_server" and seq_id == 1 and self._restarts_sequence():
             self._restart_sequence(now)

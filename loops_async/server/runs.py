@@ -176,6 +176,7 @@ class Run:
             max_results=settings.max_results_per_run,
             max_result_bytes=settings.max_result_bytes_per_run,
             max_seq_ahead=settings.max_seq_ahead,
+            max_queued=settings.max_queued_ops,
         )
         self.cold_start = TrainerColdStart.for_settings(settings)
         """What the run still refuses while "starting" (hosted profile; nothing locally)."""

@@ -61,6 +61,7 @@ from ..types import CheckpointFile
 from .backend import ADAPTER_FILES, InvalidRequest
 from .http import BodyGate, HandlerBase, HTTPError, _decode, _json, cold_start_error, drain
 from .models import ModelSpec, UnknownModelError, resolve_model
+from .operations import body_fingerprint
 from .runs import ServerState
 from .sampler_batcher import SamplerError
 from .sampler_engine import AdapterRef, GenerationRequest
@@ -343,14 +344,16 @@ class SamplingHandlers(HandlerBase):
             _parse_sample, context=sampler.context, vocab_size=sampler.vocab_size, shared=True
         )
         async with self.gate.body(request) as body:
-            existing = operations.find_key(key)
+            fingerprint = None if key is None else await body.run(body_fingerprint)
+            existing = operations.find_key(key, fingerprint)
             parsed = None if existing is not None else await body.run(parse)
         if parsed is not None:
             adapter = await self._shared_adapter(request, sampler, parsed[0])
             req = parsed[1]
-            existing = operations.find_key(key)  # a copy may have arrived meanwhile
+            existing = operations.find_key(key, fingerprint)  # a copy may have arrived
             if existing is None:
-                op = operations.admit(key, 0 if adapter is None else adapter.version)
+                version = 0 if adapter is None else adapter.version
+                op = operations.admit(key, version, fingerprint)
                 try:
                     self.service.start_soon(
                         run_sample, sampler.worker, op, adapter, req, name=f"sample {op.id}"

@@ -60,6 +60,9 @@ class ServerSettings:
     max_seq_ahead: int = 1_000_000
     """How far beyond a run's next expected ``seq_id`` a submit's ``seq_id`` may be; one further
     ahead gets 422 (so one absurd ``seq_id`` cannot leave every real one behind)."""
+    max_queued_ops: int = 1000
+    """How many operations a run may hold accepted but not started; more get 429 with
+    ``Retry-After`` (the client backs off), so queued bodies cannot pile up without bound."""
     max_results_per_run: int = 10_000
     """How many finished operation results a run keeps; beyond it the oldest are forgotten
     (a retrieve then gets 404, as after ``result_ttl``)."""
@@ -187,7 +190,12 @@ class ServerSettings:
             raise ValueError(
                 f"max_body_bytes: must be a positive integer, got {self.max_body_bytes!r}"
             )
-        for name in ("max_seq_ahead", "max_results_per_run", "max_result_bytes_per_run"):
+        for name in (
+            "max_seq_ahead",
+            "max_queued_ops",
+            "max_results_per_run",
+            "max_result_bytes_per_run",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -219,6 +227,7 @@ _INT_FIELDS = frozenset(
         "cold_start_requests",
         "storage_port",
         "max_seq_ahead",
+        "max_queued_ops",
         "max_results_per_run",
         "max_result_bytes_per_run",
         "max_concurrent_decodes",

@@ -31,7 +31,7 @@ import anyio.to_thread
 from .._codec import encode as _encode
 from .._wire import SampleAnswer
 from .backend import ADAPTER_FILES, InvalidRequest
-from .operations import CANCELLED_ERROR_CLASS, operation_id_for_key
+from .operations import CANCELLED_ERROR_CLASS, SubmitRejected, operation_id_for_key
 from .sampler_batcher import EngineWorker, SamplerError
 from .sampler_engine import AdapterRef, GenerationRequest
 
@@ -66,6 +66,8 @@ class SampleOperation:
     key: str | None
     version: int
     """The policy version of the adapter that serves it (0: the base model)."""
+    fingerprint: str | None = None
+    """The request body's fingerprint: its ``Idempotency-Key`` is bound to it."""
     status: SampleStatus = SampleStatus.RUNNING
     body: bytes | None = None
     """The encoded 200 answer of a retrieve, once finished."""
@@ -126,20 +128,34 @@ class SampleOperations:
             return None
         return op
 
-    def find_key(self, key: str | None) -> SampleOperation | None:
-        """The operation an ``Idempotency-Key`` created, or None."""
+    def find_key(self, key: str | None, fingerprint: str | None = None) -> SampleOperation | None:
+        """The operation an ``Idempotency-Key`` created, or None. A key reused for another
+        request (another body ``fingerprint``) is a :class:`SubmitRejected` (422)."""
         op = None if key is None else self._by_key.get(key)
         if op is not None and self._expired(op, anyio.current_time()):
             self._forget(op)
             return None
+        if (
+            op is not None
+            and fingerprint is not None
+            and op.fingerprint is not None
+            and op.fingerprint != fingerprint
+        ):
+            shown = (key or "")[:64]
+            raise SubmitRejected(
+                f"Idempotency-Key: {shown!r} was already used for another sample request "
+                "(with a different body); use a new key for a new request"
+            )
         return op
 
-    def admit(self, key: str | None, version: int) -> SampleOperation:
+    def admit(
+        self, key: str | None, version: int, fingerprint: str | None = None
+    ) -> SampleOperation:
         """A new running operation (call :meth:`find_key` first for a retried submit)."""
         op_id = operation_id_for_key(key)
         if op_id is None or op_id in self._ops:
             op_id = uuid.uuid4().hex
-        op = SampleOperation(id=op_id, key=key, version=version)
+        op = SampleOperation(id=op_id, key=key, version=version, fingerprint=fingerprint)
         self._ops[op_id] = op
         if key is not None:
             self._by_key[key] = op

@@ -36,7 +36,7 @@ from .backend import InvalidRequest
 from .decode import decode_request
 from .http import HandlerBase, HTTPError, _json, cold_start_error, drain
 from .models import ModelSpec
-from .operations import Operation, SubmitRejected, body_fingerprint
+from .operations import Operation, QueueFull, SubmitRejected, body_fingerprint
 from .runs import OP_REQUEST_TYPES, Run
 from .storage import validate_name
 from .validation import validate_adam_params, validate_forward_request, validate_lora_rank
@@ -137,7 +137,12 @@ class TrainerHandlers(HandlerBase):
                 f"run {run.id} accepts no more operations: {run.load_error}",
                 error_class="TrainerLoadError",
             )
-        op = run.ops.admit(kind, req.seq_id, req, key, fingerprint=read.fingerprint)
+        try:
+            op = run.ops.admit(kind, req.seq_id, req, key, fingerprint=read.fingerprint)
+        except QueueFull as exc:
+            raise HTTPError(
+                429, str(exc), error_class="LimitExceededError", headers={"Retry-After": "1"}
+            ) from None
         return self._accepted(op)
 
     def _accepted(self, op: Operation) -> Response:

@@ -387,6 +387,14 @@ def test_shared_sampler_speaks_the_operation_protocol(
         )
         assert again.status_code == 202
         assert again.json() == accepted
+        # The key is bound to its request: another body under it is refused.
+        other = client.post(
+            f"{base}/sample",
+            json=sample_body(model=MODEL, max_tokens=2),
+            headers={"Idempotency-Key": "same-key"},
+        )
+        assert other.status_code == 422, other.text
+        assert "Idempotency-Key" in other.json()["detail"]
         ops = server.state.samplers.samplers[shared["id"]].operations
         assert ops is not None
         assert len(list(ops)) == 1

@@ -451,3 +451,22 @@ def test_a_body_for_another_run_does_not_use_up_a_seq_id(
     assert trainer.result(first)["result"]["metrics"]["step"] == 1
     assert trainer.result(later)["status"] == "done"
     assert run.ops.skipped_seqs == []
+
+
+def test_a_full_queue_is_429_but_the_next_seq_always_gets_in() -> None:
+    """At most ``max_queued_ops`` ops wait per run; more get 429 + Retry-After, except the
+    seq the run waits for, which drains the queue."""
+    server = LocalServer(backend="null", poll_hold=0.5, seq_gap_timeout=30.0, max_queued_ops=3)
+    with server as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        trainer = Trainer(client)
+        trainer.init()
+        nxt = srv.state.runs[trainer.id].ops.next_seq
+        ids = [trainer.submit("optim_step", seq_id=nxt + k, adam_params={}) for k in (1, 2, 3)]
+        full = trainer.post("optim_step", trainer.body(nxt + 4, adam_params={}))
+        assert full.status_code == 429, full.text
+        assert full.json()["error_class"] == "LimitExceededError"
+        assert full.headers["retry-after"] == "1"
+        first = trainer.submit("optim_step", seq_id=nxt, adam_params={})
+        steps = [trainer.result(i)["result"]["metrics"]["step"] for i in [first, *ids]]
+        assert steps == [1, 2, 3, 4]
+        trainer.submit("optim_step", seq_id=nxt + 4, adam_params={})  # room again
