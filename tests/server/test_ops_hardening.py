@@ -375,10 +375,8 @@ def test_huge_seq_id_is_422_and_the_run_goes_on(trainer: Trainer, server: LocalS
         assert_422(r, "seq_id", "too far ahead")
     assert run.ops.next_seq == nxt
     assert run.ops.queued_seqs == []
-    # The next normal seq runs at once (no gap to wait out).
-    start = time.monotonic()
+    # The next normal seq runs (no seq was left to wait out or skip).
     trainer.run_op("optim_step", adam_params={})
-    assert time.monotonic() - start < 0.4
     assert run.ops.skipped_seqs == []
     assert run.policy_version == 1
 
