@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -577,16 +576,14 @@ class SamplingClient:
         ``include_routed_experts`` asks an MoE sampler where it stored each token's experts.
         """
         return _portal.run(
-            functools.partial(
-                self.sample_async,
-                prompt,
-                num_samples,
-                sampling_params,
-                include_prompt_logprobs,
-                topk_prompt_logprobs,
-                affinity_key=affinity_key,
-                include_routed_experts=include_routed_experts,
-            ),
+            self.sample_async,
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs,
+            topk_prompt_logprobs,
+            affinity_key=affinity_key,
+            include_routed_experts=include_routed_experts,
             twin="sample_async",
         )
 
@@ -644,7 +641,9 @@ class SamplingClient:
         """The logprob of each prompt token given the ones before it (``None`` for the first),
         under the sampler's current weights."""
         return _portal.run(
-            functools.partial(self.compute_logprobs_async, prompt, affinity_key=affinity_key),
+            self.compute_logprobs_async,
+            prompt,
+            affinity_key=affinity_key,
             twin="compute_logprobs_async",
         )
 

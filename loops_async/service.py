@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 import os
 import weakref
@@ -327,7 +326,9 @@ class ServiceClient:
                 # As upstream: the trainer is usable; the sampler is created again on demand.
                 log.warning("could not create the paired sampler of %s", run.id, exc_info=True)
         if wandb_config is not None:
-            client._track(await anyio.to_thread.run_sync(start_wandb, wandb_config, client))
+            client.add_metrics_sink(
+                await anyio.to_thread.run_sync(start_wandb, wandb_config, client)
+            )
         client._start_heartbeat(settings.heartbeat_interval)
         return client
 
@@ -656,14 +657,12 @@ class ServiceClient:
         (``adapter_model.safetensors``, ``adapter_config.json``) and optimizer state; a sampler
         checkpoint the adapter only."""
         return _portal.run(
-            functools.partial(
-                self.download_checkpoint_async,
-                checkpoint_id,
-                dest_dir=dest_dir,
-                name=name,
-                run_id=run_id,
-                target=target,
-            ),
+            self.download_checkpoint_async,
+            checkpoint_id,
+            dest_dir=dest_dir,
+            name=name,
+            run_id=run_id,
+            target=target,
             twin="download_checkpoint_async",
         )
 

@@ -351,9 +351,6 @@ class TrainingClient:
             )
         self._sinks.append(sink)
 
-    def _track(self, sink: MetricsSink) -> None:
-        self.add_metrics_sink(sink)
-
     def _tracked(self, op: str, future: F) -> F:
         """Log ``future``'s metrics to the sinks when its result arrives."""
         prefix = _METRIC_PREFIXES.get(op)
@@ -647,9 +644,10 @@ class TrainingClient:
         ``"logprobs"`` exists.
         """
         return _portal.run(
-            functools.partial(
-                self.forward_backward_custom_async, data, loss_fn, loss_type_input=loss_type_input
-            ),
+            self.forward_backward_custom_async,
+            data,
+            loss_fn,
+            loss_type_input=loss_type_input,
             twin="forward_backward_custom_async",
         )
 
@@ -994,14 +992,12 @@ class TrainingClient:
         up in this run unless ``run_id`` names another (see
         :meth:`ServiceClient.download_checkpoint`)."""
         return _portal.run(
-            functools.partial(
-                self.download_checkpoint_async,
-                checkpoint_id,
-                dest_dir=dest_dir,
-                name=name,
-                target=target,
-                run_id=run_id,
-            ),
+            self.download_checkpoint_async,
+            checkpoint_id,
+            dest_dir=dest_dir,
+            name=name,
+            target=target,
+            run_id=run_id,
             twin="download_checkpoint_async",
         )
 
