@@ -412,6 +412,17 @@ class Control:
         )
         return listed.checkpoints
 
+    async def delete_checkpoint(self, checkpoint_id: str) -> None:
+        """``DELETE /v1/loops/checkpoints/<checkpoint_id>`` (an id from a listing); a
+        checkpoint that is already gone raises :class:`~loops_async.errors.NotFoundError`."""
+        if not isinstance(checkpoint_id, str) or not checkpoint_id:
+            raise errors.ValidationError(
+                f"checkpoint_id: expected a checkpoint id, got {checkpoint_id!r}"
+            )
+        await self.request(
+            "DELETE", f"{self._base_url}/v1/loops/checkpoints/{quote(checkpoint_id, safe='')}"
+        )
+
     async def checkpoint_at(self, path: str) -> Checkpoint:
         """The checkpoint record of ``path`` (``ValidationError`` if there is none)."""
         listed = await self.request_typed(

@@ -37,7 +37,7 @@ from anyio.from_thread import BlockingPortal
 from ._loop import running_loop
 from .errors import SyncInAsyncContextError
 
-__all__ = ["ensure_sync_context", "get_portal", "run", "shutdown"]
+__all__ = ["ensure_sync_context", "get_portal", "run", "shutdown", "spawn"]
 
 log = logging.getLogger("loops_async")
 
@@ -83,7 +83,7 @@ class _PortalThread:
         finally:
             self.finished.set()
 
-    def submit(self, call: _Call[Any]) -> None:
+    def submit(self, call: _Call[Any] | _Spawn[Any]) -> None:
         """Start ``call`` on the loop (thread-safe, non-blocking; ``RuntimeError`` when the loop
         has ended)."""
         try:
@@ -93,7 +93,7 @@ class _PortalThread:
         except anyio.RunFinishedError as exc:
             raise RuntimeError("the loops_async portal has stopped") from exc
 
-    def cancel(self, call: _Call[Any]) -> None:
+    def cancel(self, call: _Call[Any] | _Spawn[Any]) -> None:
         """Cancel ``call`` on the loop (thread-safe, non-blocking; nothing if it has ended)."""
         try:
             self.token.backend_class.run_sync_soon(call.cancel, (), self.token.native_token)
@@ -180,6 +180,74 @@ class _Call(Generic[T]):
         return self.result  # type: ignore[return-value]
 
 
+class _Spawn(Generic[T]):
+    """One call started on the portal's loop without waiting for it: its outcome goes to a
+    :class:`concurrent.futures.Future`; cancelling that future cancels the call."""
+
+    __slots__ = ("args", "cancelled", "func", "future", "scope")
+
+    def __init__(
+        self,
+        func: Callable[..., Awaitable[T]],
+        args: tuple[Any, ...],
+        future: concurrent.futures.Future[T],
+    ) -> None:
+        self.func = func
+        self.args = args
+        self.future = future
+        self.scope: anyio.CancelScope | None = None
+        self.cancelled = False
+
+    def start(self, group: anyio.abc.TaskGroup) -> None:
+        """On the loop: spawn the call (or fail its future, if it cannot be)."""
+        try:
+            group.start_soon(self._run)
+        except BaseException as exc:
+            _settle(self.future, None, exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def cancel(self) -> None:
+        """On the loop: cancel the call (before or after it started)."""
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    async def _run(self) -> None:
+        future = self.future
+        try:
+            with anyio.CancelScope() as scope:
+                self.scope = scope
+                if self.cancelled or future.cancelled():
+                    scope.cancel()
+                result = await self.func(*self.args)
+                _settle(future, result, None)
+            if scope.cancelled_caught:
+                future.cancel()
+        except anyio.get_cancelled_exc_class():
+            _settle(future, None, concurrent.futures.CancelledError())  # the portal is stopping
+            raise
+        except BaseException as exc:
+            _settle(future, None, exc)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit: as BlockingPortal
+        finally:
+            self.scope = None
+
+
+def _settle(
+    future: concurrent.futures.Future[T], result: T | None, error: BaseException | None
+) -> None:
+    """Give ``future`` its outcome unless it already has one (it may have been cancelled)."""
+    try:
+        if error is None:
+            future.set_result(result)  # type: ignore[arg-type]
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 _LIVENESS_CHECK = 5.0
 """Seconds between checks, while a sync call waits, that the portal's loop still runs."""
 
@@ -254,3 +322,25 @@ def run(func: Callable[..., Awaitable[T]], *args: Any, twin: str, **kwargs: Any)
         thread.cancel(call)
         raise
     return call.outcome()
+
+
+def spawn(
+    func: Callable[..., Awaitable[T]],
+    *args: Any,
+    future: concurrent.futures.Future[T] | None = None,
+) -> concurrent.futures.Future[T]:
+    """Start ``func(*args)`` on the portal and return at once (from any thread, even one that
+    runs an event loop): the returned ``future`` (a new one unless given) gets the outcome.
+    Cancelling it cancels the call. Calls spawned from one thread start in spawn order."""
+    if future is None:
+        future = concurrent.futures.Future()
+    thread = _portal_thread()
+    call = _Spawn(func, args, future)
+    thread.submit(call)
+
+    def cancelled(done: concurrent.futures.Future[T]) -> None:
+        if done.cancelled():
+            thread.cancel(call)
+
+    future.add_done_callback(cancelled)
+    return future

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import threading
@@ -96,6 +97,20 @@ class ForwardBackwardFuture(Protocol):
 
     def __await__(self) -> Generator[Any, None, ForwardBackwardOutput]:
         """``await future``: the result."""
+
+
+ON_RESERVED: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "loops_async_on_reserved", default=None
+)
+"""Called (in the caller's context) right after an operation reserved its ``seq_id``s: lets a
+layer above (:mod:`loops_async.tinker`) start the next call in order without waiting for this
+one's submit."""
+
+
+def _notify_reserved() -> None:
+    hook = ON_RESERVED.get()
+    if hook is not None:
+        hook()
 
 
 class TrainingClient:
@@ -196,10 +211,12 @@ class TrainingClient:
         self._check_open()
         seq = self._gate.reserve()
         try:
-            return seq, encode(build(seq))
+            body = encode(build(seq))
         except BaseException:
             self._gate.release(seq)
             raise
+        _notify_reserved()
+        return seq, body
 
     async def _submit(
         self,
@@ -264,10 +281,12 @@ class TrainingClient:
         self._check_open()
         first = self._gate.reserve(len(plan.chunks))
         try:
-            return first, plan.bodies(first)
+            bodies = plan.bodies(first)
         except BaseException:
             self._release_range(first, len(plan.chunks))
             raise
+        _notify_reserved()
+        return first, bodies
 
     def _release_range(self, first: int, count: int) -> None:
         for seq in range(first, first + count):

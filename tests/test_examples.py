@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import io
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,3 +72,31 @@ def test_the_demo_improves_the_reward_and_plots(tmp_path: Path) -> None:
     assert list((tmp_path / "data" / "runs").glob("*/weights/demo-final-0"))
     assert "after SFT  after RL" in text
     assert "checkpoint saved" in text
+
+
+def test_tinker_rl_loop_through_the_runner(torch_server: LocalServer) -> None:
+    """The tinker-cookbook-style GRPO example, run unchanged with ``python -m
+    loops_async.tinker`` (``import tinker`` resolves to the layer)."""
+    env = {**os.environ, "TINKER_BASE_URL": torch_server.url}
+    env.pop("LOOPS_BASE_URL", None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loops_async.tinker",
+            str(EXAMPLES / "tinker_rl_loop.py"),
+            "--steps",
+            "2",
+            "--group",
+            "4",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 2
+    assert "saved tinker://" in done.stdout
