@@ -18,6 +18,7 @@ from typing import Any
 
 import loops_async
 import loops_async.server
+import loops_async.tinker
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 
@@ -91,6 +92,30 @@ SECTIONS: list[tuple[str, ModuleType, list[str]]] = [
         ],
     ),
     ("Local server (`loops_async.server`)", loops_async.server, loops_async.server.__all__),
+    (
+        "tinker layer (`loops_async.tinker`)",
+        loops_async.tinker,
+        [
+            "install",
+            "uninstall",
+            "is_installed",
+            "TinkerAlreadyInstalledError",
+            "ServiceClient",
+            "TrainingClient",
+            "SamplingClient",
+            "RestClient",
+            "APIFuture",
+            "AwaitableConcurrentFuture",
+            "Datum",
+            "TensorData",
+            "AdamParams",
+            "SampleResponse",
+            "SampledSequence",
+            "ParsedCheckpointTinkerPath",
+            "TinkerError",
+            "RequestFailedError",
+        ],
+    ),
 ]
 
 
