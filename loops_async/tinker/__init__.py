@@ -22,6 +22,7 @@ asyncio or trio. ``docs/coming-from-tinker.md`` lists what differs from tinker 0
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from httpx import Timeout
@@ -99,6 +100,10 @@ BackcompatSamplingClientFuture = SamplingClient
 PerDatumLossFn = Any
 """tinker's type of a per-datum custom loss (``forward_backward_custom`` takes a batch loss)."""
 
+CustomLossFnV1 = Callable[[list[Datum], list[Any]], tuple[Any, dict[str, float]]]
+"""The loss ``forward_backward_custom`` takes: ``loss_fn(data, logprobs) -> (loss, metrics)``
+(tinker's ``tinker.lib.public_interfaces.training_client.CustomLossFnV1``)."""
+
 RequestOptions = dict[str, Any]
 """tinker's per-request options (headers, retries, timeout): not used by this layer."""
 
@@ -156,9 +161,9 @@ __all__ = [
     "StopReason",
     "TensorData",
     "TensorDtype",
+    "Timeout",
     "TinkerAlreadyInstalledError",
     "TinkerError",
-    "Timeout",
     "TrainingClient",
     "TrainingRun",
     "UnprocessableEntityError",

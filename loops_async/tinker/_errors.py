@@ -61,7 +61,9 @@ class APIError(TinkerError):
     """An error talking to the service: ``message``; ``request`` and ``body`` are ``None``
     (this layer does not keep the raw exchange)."""
 
+    message: str = ""
     request: Any = None
+    response: Any = None
     body: object | None = None
 
 
@@ -116,6 +118,8 @@ class APITimeoutError(APIConnectionError, errors.ReadTimeoutError):
 class APIResponseValidationError(APIError, errors.ProtocolError):
     """The server answered something the protocol does not allow."""
 
+    status_code: int | None = None
+
 
 class RequestFailedError(TinkerError, errors.RemoteOpError):
     """The operation ran on the server and failed: ``request_id`` is its operation id and
@@ -135,7 +139,7 @@ class RequestFailedError(TinkerError, errors.RemoteOpError):
         return RequestErrorCategory.Unknown
 
 
-class ExperimentalWarning(Warning):
+class ExperimentalWarning(FutureWarning):
     """Warns about an experimental API (kept for tinker code that filters it)."""
 
 
@@ -197,6 +201,8 @@ def translate(exc: BaseException) -> BaseException:
     new = cls.__new__(cls)
     new.__dict__.update(exc.__dict__)
     new.args = exc.args
+    if "message" not in new.__dict__:
+        new.message = str(exc)  # type: ignore[attr-defined]
     new.__cause__ = exc.__cause__
     new.__context__ = exc.__context__
     new.__suppress_context__ = exc.__suppress_context__

@@ -205,6 +205,11 @@ class TrainingClient(SelfFuture["TrainingClient"]):
         info = self._core_now().get_info()
         return msgspec.structs.replace(info, model_id=self.model_id, is_lora=True)
 
+    async def get_info_async(self) -> core_types.GetInfoResponse:
+        """:meth:`get_info`, waiting for provisioning without blocking the event loop."""
+        await self._ready.result_async()
+        return self.get_info()
+
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         """The base model's tokenizer (``transformers``); waits for provisioning."""
         return self._core_now().get_tokenizer()
@@ -350,7 +355,6 @@ class TrainingClient(SelfFuture["TrainingClient"]):
         self,
         name: str,
         ttl_seconds: int | None = None,
-        overwrite: bool = False,
         user_metadata: dict[str, str] | None = None,
     ) -> AwaitableConcurrentFuture[core_types.SaveWeightsForSamplerResponse]:
         """Save the adapter for sampling as ``name``; the result's ``path``
@@ -365,11 +369,10 @@ class TrainingClient(SelfFuture["TrainingClient"]):
         self,
         name: str,
         ttl_seconds: int | None = None,
-        overwrite: bool = False,
         user_metadata: dict[str, str] | None = None,
     ) -> AwaitableConcurrentFuture[core_types.SaveWeightsForSamplerResponse]:
         """The same future as :meth:`save_weights_for_sampler` (await it too)."""
-        return self.save_weights_for_sampler(name, ttl_seconds, overwrite, user_metadata)
+        return self.save_weights_for_sampler(name, ttl_seconds, user_metadata)
 
     def load_state(
         self, path: str, weights_access_token: str | None = None
@@ -436,7 +439,9 @@ class TrainingClient(SelfFuture["TrainingClient"]):
         )
         return await client
 
-    def create_sampling_client(self, model_path: str, retry_config: Any = None) -> SamplingClient:
+    def create_sampling_client(
+        self, model_path: str, retry_config: Any = None, record_stability_info: bool = False
+    ) -> SamplingClient:
         """A sampling client of this run's sampler serving checkpoint ``model_path``."""
         from ._sampling import SamplingClient
 
@@ -449,10 +454,10 @@ class TrainingClient(SelfFuture["TrainingClient"]):
         return SamplingClient(ready, service=self._service)
 
     async def create_sampling_client_async(
-        self, model_path: str, retry_config: Any = None
+        self, model_path: str, retry_config: Any = None, record_stability_info: bool = False
     ) -> SamplingClient:
         """Like :meth:`create_sampling_client`, and waits until the client is ready."""
-        return await self.create_sampling_client(model_path, retry_config)
+        return await self.create_sampling_client(model_path, retry_config, record_stability_info)
 
 
 def _tinker_path_result(result: Any) -> Any:

@@ -130,6 +130,7 @@ __all__ = [
     "SampleResponse",
     "SampledProvenanceSpan",
     "SampledSequence",
+    "SamplingClientKind",
     "SamplingParams",
     "SaveWeightsExternalResponse",
     "SaveWeightsForSamplerResponse",
@@ -151,6 +152,10 @@ ModelID: TypeAlias = str
 """The id of a training run / model (tinker's ``ModelID``)."""
 
 TensorDtype: TypeAlias = Literal["int64", "float32"]
+
+SamplingClientKind: TypeAlias = Literal["snapshot", "inflight"]
+"""What ``save_weights_and_get_sampling_client(kind=...)`` publishes (Loops serves both as a
+snapshot of the weights at the call)."""
 """The tensor dtypes tinker's conversions produce."""
 
 LossFnType: TypeAlias = Literal[
