@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv lint typecheck bench serve clean
+.PHONY: demo test test-cookbook venv lint typecheck bench serve clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,14 @@ demo: $(STAMP)
 
 test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Opt-in: drive real tinker-cookbook 0.6.1 components through loops_async.tinker. Its full
+# dependency set does not install (tml-renderers>=0.4.1 is not on PyPI), so it is installed
+# without dependencies plus the few its completers, RL and supervised modules import.
+test-cookbook: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps "tinker-cookbook==0.6.1"
+	$(BIN)/python -m pip install --quiet chz blobfile datasets termcolor pillow
+	$(BIN)/python -m pytest -q tests/tinker/test_cookbook.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -851,7 +851,7 @@ class TrainingClient:
         return f"{name}-{uuid.uuid4().hex}" if shared else name
 
     async def save_weights_and_get_sampling_client_async(
-        self, name: str = "default"
+        self, name: str = "default", *, pin: bool = False
     ) -> SamplingClient:
         """Async twin of :meth:`save_weights_and_get_sampling_client`."""
         self._check_open()
@@ -859,18 +859,22 @@ class TrainingClient:
             self._run_id, num_replicas=self._sampler_num_replicas
         )
         shared = sampler.model_id is None
-        name = self._unique_name(name, shared)
+        pin = pin and self._run_id is not None  # a trainer without a run has no paths
+        name = self._unique_name(name, shared or pin)
         publish = await self.save_weights_for_sampler_async(name, bump_version=True)
         predicted = self._last_published_version
         headers = {"X-Run-Id": self._run_id} if self._run_id else {}
-        if not shared and predicted > 0:
+        path = self._derived("sampler_weights", name)
+        if pin and not shared:
+            assert path is not None
+            headers["X-Checkpoint-Path"] = path  # alone: exactly this adapter, for good
+        elif not shared and predicted > 0:
             headers["X-Min-Policy-Version"] = str(predicted)
-        pin = self._derived("sampler_weights", name)
         client = self._control.sampling_client(
             sampler,
             self._base_model,
             headers,
-            pin=pin if shared else None,
+            pin=path if shared else None,
             sample_timeout=self._sampler_timeout,
         )
         client._await_before_sampling(
@@ -882,7 +886,9 @@ class TrainingClient:
         )
         return client
 
-    def save_weights_and_get_sampling_client(self, name: str = "default") -> SamplingClient:
+    def save_weights_and_get_sampling_client(
+        self, name: str = "default", *, pin: bool = False
+    ) -> SamplingClient:
         """Publish the adapter for sampling and get a client that samples from exactly it.
 
         Submits ``save_weights_for_sampler(name, bump_version=True)`` now and returns a
@@ -892,19 +898,26 @@ class TrainingClient:
         and so never see older weights. It is also a future of itself: ``.result(timeout)`` /
         ``await client`` waits until the publish finished and the paired sampler reports the
         new policy version (at most 600 s), then returns the same client.
+
+        ``pin=True`` (tinker's snapshot semantics): the name gets a unique suffix and the
+        client sends that checkpoint's path alone (``X-Checkpoint-Path``), so it keeps sampling
+        these weights after later publishes (each pinned publish is a checkpoint of its own).
         """
         return _portal.run(
             self.save_weights_and_get_sampling_client_async,
             name,
+            pin=pin,
             twin="save_weights_and_get_sampling_client_async",
         )
 
-    async def create_sampling_client_async(self, model_path: str) -> SamplingClient:
+    async def create_sampling_client_async(
+        self, model_path: str, *, pin: bool = False
+    ) -> SamplingClient:
         """Async twin of :meth:`create_sampling_client`."""
         self._check_open()
         path = _validate.check_checkpoint_path(model_path, "model_path")
         last = self._last_publish
-        if last is not None and not last.done():
+        if not pin and last is not None and not last.done():
             # Its version is predicted at acceptance; the result is exact (e.g. after a
             # load_state_with_optimizer whose step only the checkpoint knows).
             await last.result_async()
@@ -915,17 +928,22 @@ class TrainingClient:
         headers = {"X-Checkpoint-Path": path}
         if self._run_id:
             headers["X-Run-Id"] = self._run_id
-        headers["X-Min-Policy-Version"] = str(self._last_published_version + 1)
+        if not pin:
+            headers["X-Min-Policy-Version"] = str(self._last_published_version + 1)
         return self._control.sampling_client(
             sampler, self._base_model, headers, pin=path, sample_timeout=self._sampler_timeout
         )
 
-    def create_sampling_client(self, model_path: str) -> SamplingClient:
+    def create_sampling_client(self, model_path: str, *, pin: bool = False) -> SamplingClient:
         """A client of this run's sampler that serves checkpoint ``model_path`` (validated
         with the control plane first) until the run publishes a newer policy, then the live
-        adapter (``X-Checkpoint-Path`` plus ``X-Min-Policy-Version: <last published + 1>``)."""
+        adapter (``X-Checkpoint-Path`` plus ``X-Min-Policy-Version: <last published + 1>``).
+        ``pin=True``: that checkpoint for good (``X-Checkpoint-Path`` alone)."""
         return _portal.run(
-            self.create_sampling_client_async, model_path, twin="create_sampling_client_async"
+            self.create_sampling_client_async,
+            model_path,
+            pin=pin,
+            twin="create_sampling_client_async",
         )
 
     # ------------------------------------------------------------------ checkpoints

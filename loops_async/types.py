@@ -273,6 +273,13 @@ class EncodedTextChunk(msgspec.Struct, tag="encoded_text", tag_field="type", kw_
 
     tokens: list[int]
 
+    def __post_init__(self) -> None:
+        tokens = self.tokens
+        if type(tokens) is list:
+            self.tokens = tokens.copy()  # the caller's list stays theirs (reused, cleared, ...)
+        elif isinstance(tokens, np.ndarray):
+            self.tokens = tokens.astype(np.int64, copy=False).ravel().tolist()
+
     @property
     def type(self) -> Literal["encoded_text"]:
         """The chunk kind on the wire (``"encoded_text"``)."""
@@ -352,14 +359,17 @@ class ModelInput(msgspec.Struct, kw_only=True):
 
     chunks: list[Chunk] = msgspec.field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if type(self.chunks) is list:
+            self.chunks = self.chunks.copy()  # the caller's list stays theirs
+
     @classmethod
     def from_ints(cls, tokens: Iterable[int] | npt.NDArray[np.integer[Any]]) -> ModelInput:
-        """One text chunk holding ``tokens`` (a list, any iterable of ints, or an int array)."""
-        if isinstance(tokens, np.ndarray):
-            ints: list[int] = tokens.astype(np.int64, copy=False).ravel().tolist()
-        else:
-            ints = [int(t) for t in tokens] if not isinstance(tokens, list) else tokens
-        return cls(chunks=[EncodedTextChunk(tokens=ints)])
+        """One text chunk holding a copy of ``tokens`` (a list, any iterable of ints, or an
+        int array)."""
+        if isinstance(tokens, np.ndarray | list):
+            return cls(chunks=[EncodedTextChunk(tokens=tokens)])  # type: ignore[arg-type]
+        return cls(chunks=[EncodedTextChunk(tokens=[int(t) for t in tokens])])
 
     @classmethod
     def empty(cls) -> ModelInput:
@@ -382,6 +392,11 @@ class ModelInput(msgspec.Struct, kw_only=True):
 
     def append(self, chunk: Chunk) -> ModelInput:
         """Return a new model input with ``chunk`` added at the end."""
+        if not isinstance(chunk, EncodedTextChunk | ImageChunk | ImageAssetPointerChunk):
+            raise TypeError(
+                f"append() takes a chunk (EncodedTextChunk, ImageChunk, ImageAssetPointerChunk), "
+                f"got {type(chunk).__name__}"
+            )
         return ModelInput(chunks=[*self.chunks, chunk])
 
     def append_int(self, token: int) -> ModelInput:

@@ -46,6 +46,7 @@ def test_all_is_sorted_and_complete() -> None:
         "server",
         "cli",
         "demo",
+        "tinker",
     }
     assert public <= set(loops_async.__all__) | {"__version__"}
     for name in loops_async.__all__:

@@ -84,6 +84,32 @@ def test_sampler_logprobs_match_the_trainer_before_and_after_training(
         assert training.get_tokenizer().decode(out.sequences[0].tokens[:-1]) == answer
 
 
+def test_pinned_clients_keep_their_weights(torch_server: LocalServer) -> None:
+    """``pin=True`` clients (tinker's snapshots) sample the weights they were made from, after
+    later training and publishes; an unpinned one follows the live adapter."""
+    prompt = prompt_of("What is 3+4?")
+    with ServiceClient(base_url=torch_server.url) as service:
+        training = service.create_lora_training_client(MODEL, rank=8, seed=0)
+        pinned = training.save_weights_and_get_sampling_client("snap", pin=True).result(600)
+        assert pinned.checkpoint_name is not None
+        assert pinned.checkpoint_name.startswith("snap-")
+        live = training.save_weights_and_get_sampling_client("live").result(600)
+        saved = training.save_weights_for_sampler("fixed").result(600)
+        by_path = training.create_sampling_client(saved.path, pin=True)
+        before = pinned.compute_logprobs(prompt)
+        before_live = live.compute_logprobs(prompt)
+        for _ in range(3):
+            training.forward_backward(list(sft_batch()), "cross_entropy")
+            training.optim_step(FAST)
+        later = training.save_weights_and_get_sampling_client("snap", pin=True).result(600)
+        np.testing.assert_allclose(pinned.compute_logprobs(prompt)[1:], before[1:], atol=1e-5)
+        np.testing.assert_allclose(by_path.compute_logprobs(prompt)[1:], before[1:], atol=1e-5)
+        moved = np.abs(np.array(later.compute_logprobs(prompt)[1:]) - np.array(before[1:]))
+        assert moved.max() > 1e-3
+        followed = np.array(live.compute_logprobs(prompt)[1:]) - np.array(before_live[1:])
+        assert np.abs(followed).max() > 1e-3  # the unpinned client serves the live adapter
+
+
 def test_seeds(torch_server: LocalServer) -> None:
     with ServiceClient(base_url=torch_server.url) as service:
         sampler = service.create_sampling_client(base_model=MODEL)

@@ -222,3 +222,27 @@ def test_array_data_reads_like_a_list() -> None:
     view = t.to_numpy()
     view[0] = 9.0
     assert t.data[0] == 1.5, "to_numpy returns a copy"
+
+
+def test_model_inputs_copy_the_lists_they_are_given() -> None:
+    """A caller may reuse or clear its token list afterwards (tinker-cookbook does)."""
+    tokens = [1, 2, 3]
+    chunk = EncodedTextChunk(tokens=tokens)
+    from_ints = ModelInput.from_ints(tokens)
+    chunks = [chunk]
+    model_input = ModelInput(chunks=chunks)
+    tokens.clear()
+    chunks.clear()
+    assert chunk.tokens == [1, 2, 3]
+    assert from_ints.to_ints() == [1, 2, 3]
+    assert model_input.to_ints() == [1, 2, 3]
+    grid = np.array([[4, 5], [6, 7]], dtype=np.int32)
+    assert ModelInput.from_ints(grid).to_ints() == [4, 5, 6, 7]
+    assert ModelInput.from_ints(range(3)).to_ints() == [0, 1, 2]
+
+
+def test_model_input_append_takes_chunks_only() -> None:
+    model_input = ModelInput.from_ints([1, 2])
+    with pytest.raises(TypeError, match="append\\(\\) takes a chunk"):
+        model_input.append(model_input)  # type: ignore[arg-type]
+    assert model_input.append(EncodedTextChunk(tokens=[3])).to_ints() == [1, 2, 3]

@@ -412,16 +412,23 @@ class TrainingClient(SelfFuture["TrainingClient"]):
         record_stability_info: bool = False,
         kind: str = "snapshot",
     ) -> SamplingClient:
-        """Publish the current weights to this run's sampler and return a sampling client of
-        exactly them: usable at once (its samples wait for the weights) and a future of
-        itself. ``name`` (deprecated in tinker) names the published checkpoint."""
+        """Publish the current weights to this run's sampler and return a sampling client:
+        usable at once (its samples wait for the weights) and a future of itself.
+
+        ``kind="snapshot"`` (tinker's default): the client samples exactly these weights for
+        good, even after later publishes; each snapshot is a sampler checkpoint of its own
+        (``<name or "sampler">-<unique suffix>``; delete old ones with the
+        :class:`RestClient` if storage matters). ``kind="inflight"``: the client follows the
+        run's live adapter (never older than these weights), Loops' native mode, which stores
+        nothing new."""
         from ._sampling import SamplingClient
 
         if kind not in ("snapshot", "inflight"):
             raise errors.ValidationError(f"kind: expected 'snapshot' or 'inflight', got {kind!r}")
-        published = name or "default"
+        prefix = name or "sampler"
+        snapshot = kind == "snapshot"
         ready: AwaitableConcurrentFuture[core_sampling.SamplingClient] = self._ordered(
-            lambda core: core.save_weights_and_get_sampling_client_async(published)
+            lambda core: core.save_weights_and_get_sampling_client_async(prefix, pin=snapshot)
         )
         return SamplingClient(ready, service=self._service)
 
@@ -447,7 +454,7 @@ class TrainingClient(SelfFuture["TrainingClient"]):
 
         loops_path = to_loops_path(model_path, "model_path")
         ready: AwaitableConcurrentFuture[core_sampling.SamplingClient] = self._ordered(
-            lambda core: core.create_sampling_client_async(loops_path),
+            lambda core: core.create_sampling_client_async(loops_path, pin=True),
             mode="start",
             wait_result=False,
         )

@@ -325,3 +325,25 @@ def test_configuration_from_environment(
         assert "api_key" not in repr(service.loops_client)  # the tml- key is never sent
         caps = service.get_server_capabilities().result(timeout=60)
         assert caps.supported_models
+
+
+def test_snapshots_keep_their_weights_and_inflight_follows(torch_server: LocalServer) -> None:
+    """tinker's ``save_weights_and_get_sampling_client()`` is a snapshot: an earlier client
+    keeps sampling the weights it was made from (a KL reference, off-policy rollouts);
+    ``kind="inflight"`` follows the live adapter."""
+    prompt = tinker.ModelInput.from_ints([5, 72, 101, 108, 108, 111, 32, 119])
+    with tinker.ServiceClient(base_url=torch_server.url) as service:
+        training = service.create_lora_training_client(MODEL, rank=8, seed=0)
+        first = training.save_weights_and_get_sampling_client()
+        inflight = training.save_weights_and_get_sampling_client(kind="inflight")
+        before = first.compute_logprobs(prompt).result(timeout=600)
+        assert inflight.compute_logprobs(prompt).result(timeout=600) == pytest.approx(before)
+        sft = [datum(6, offset=40), datum(6, offset=60)]
+        for _ in range(3):
+            training.forward_backward(sft, "cross_entropy")
+            training.optim_step(tinker.AdamParams(learning_rate=3e-3))
+        second = training.save_weights_and_get_sampling_client()
+        after = second.compute_logprobs(prompt).result(timeout=600)
+        assert first.compute_logprobs(prompt).result(timeout=600) == pytest.approx(before)
+        assert inflight.compute_logprobs(prompt).result(timeout=600) == pytest.approx(after)
+        assert max(abs(a - b) for a, b in zip(after[1:], before[1:], strict=True)) > 1e-3
