@@ -25,7 +25,9 @@ part-way, ...) is re-raised as a class deriving from both ``TinkerError`` and it
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from .. import errors
@@ -50,6 +52,7 @@ __all__ = [
     "TinkerError",
     "UnprocessableEntityError",
     "translate",
+    "translating",
 ]
 
 
@@ -207,3 +210,16 @@ def translate(exc: BaseException) -> BaseException:
     new.__context__ = exc.__context__
     new.__suppress_context__ = exc.__suppress_context__
     return new.with_traceback(exc.__traceback__)
+
+
+@contextlib.contextmanager
+def translating() -> Iterator[None]:
+    """Re-raise a ``loops_async`` error from the block as its tinker class (:func:`translate`;
+    the original is kept as ``__context__``)."""
+    try:
+        yield
+    except Exception as exc:
+        translated = translate(exc)
+        if translated is exc:
+            raise
+        raise translated from exc.__cause__

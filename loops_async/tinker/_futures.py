@@ -28,7 +28,7 @@ import anyio
 
 from .. import _portal
 from .._loop import current_loop, running_loop, wake_soon
-from ._errors import translate
+from ._errors import translating
 
 __all__ = ["APIFuture", "AwaitableConcurrentFuture", "done_future", "spawn"]
 
@@ -130,13 +130,8 @@ def _check_blocking_allowed() -> None:
 
 
 async def _translated(func: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:
-    try:
+    with translating():
         return await func(*args)
-    except Exception as exc:
-        translated = translate(exc)
-        if translated is exc:
-            raise
-        raise translated from exc.__cause__
 
 
 def spawn(

@@ -17,7 +17,7 @@ import numpy as np
 from .. import errors
 from .. import sampling as core_sampling
 from .. import types as core_types
-from ._errors import translate
+from ._errors import translating
 from ._futures import AwaitableConcurrentFuture, SelfFuture, done_future, spawn
 from .types import SampleResponse
 
@@ -132,7 +132,7 @@ class SamplingClient(SelfFuture["SamplingClient"]):
             prompt_logprobs_last_n,
             include_prompt_logprobs,
         )
-        try:
+        with translating():
             return await self._sample(
                 prompt,
                 num_samples,
@@ -141,11 +141,6 @@ class SamplingClient(SelfFuture["SamplingClient"]):
                 topk_prompt_logprobs,
                 prompt_logprobs_last_n,
             )
-        except Exception as exc:
-            translated = translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc.__cause__
 
     async def _sample(
         self,
@@ -179,13 +174,8 @@ class SamplingClient(SelfFuture["SamplingClient"]):
     ) -> list[float | None]:
         """Like :meth:`compute_logprobs`, on the running event loop; returns the list."""
         _check_last_n(prompt_logprobs_last_n, True)
-        try:
+        with translating():
             return await self._logprobs(prompt, prompt_logprobs_last_n)
-        except Exception as exc:
-            translated = translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc.__cause__
 
     async def _logprobs(
         self, prompt: core_types.ModelInput, last_n: int | None

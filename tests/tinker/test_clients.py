@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import pickle
 from collections.abc import Iterator
 
@@ -315,12 +316,15 @@ def test_sampling_client_pickles(service: tinker.ServiceClient) -> None:
 
 
 def test_configuration_from_environment(
-    null_server: LocalServer, monkeypatch: pytest.MonkeyPatch
+    null_server: LocalServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("TINKER_BASE_URL", null_server.url + "/")
     monkeypatch.setenv("TINKER_API_KEY", "tml-a-thinking-machines-key")
     monkeypatch.delenv("BASETEN_API_KEY", raising=False)
+    caplog.set_level(logging.DEBUG, logger="loops_async.tinker")
     with tinker.ServiceClient(project_id="p", unknown_option=1, sample_timeout=30.0) as service:
+        ignored = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
+        assert ignored == ["loops_async.tinker.ServiceClient ignores project_id, unknown_option"]
         assert service.loops_client.base_url == null_server.url
         assert "api_key" not in repr(service.loops_client)  # the tml- key is never sent
         caps = service.get_server_capabilities().result(timeout=60)
