@@ -65,6 +65,10 @@ def _split(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+SHIM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shim")
+"""Holds a ``tinker`` package that installs the layer when imported (for child processes)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Install the ``tinker`` alias and run SCRIPT (or ``-m MODULE``) with ARGS."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -93,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
 
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     saved_url = os.environ.get("TINKER_BASE_URL")
+    saved_pythonpath = os.environ.get("PYTHONPATH")
+    # Child processes (subprocess, multiprocessing spawn workers) import tinker too: the shim
+    # first on their PYTHONPATH installs the layer there.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (SHIM_DIR, saved_pythonpath)))
     try:
         with contextlib.ExitStack() as stack:
             if args.local:
@@ -117,17 +125,21 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{_PROG}: --local: started a local server at {url}", file=sys.stderr)
             sys.argv = [target, *rest]
             if args.module is not None:
+                sys.path.insert(1, SHIM_DIR)
                 runpy.run_module(args.module, run_name="__main__", alter_sys=True)
             else:
                 if os.path.isfile(target):  # run_path puts a directory / zip there itself
                     sys.path.insert(0, os.path.dirname(os.path.realpath(target)))
+                # multiprocessing's spawn workers take this process's sys.path, not PYTHONPATH
+                sys.path.insert(1, SHIM_DIR)
                 runpy.run_path(target, run_name="__main__")
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
-        if saved_url is None:
-            os.environ.pop("TINKER_BASE_URL", None)
-        else:
-            os.environ["TINKER_BASE_URL"] = saved_url
+        for name, value in (("TINKER_BASE_URL", saved_url), ("PYTHONPATH", saved_pythonpath)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     return 0
 
 

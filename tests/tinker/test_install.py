@@ -16,6 +16,7 @@ from types import ModuleType
 
 import pytest
 
+from loops_async.server import LocalServer
 from loops_async.tinker import _install
 from loops_async.tinker._install import (
     TinkerAlreadyInstalledError,
@@ -333,6 +334,42 @@ def test_main_local_starts_a_server(tmp_path: Path) -> None:
     url, status = result.stdout.split()[-2:]
     assert url.startswith("http://127.0.0.1:")
     assert status == "200"
+
+
+SPAWN_SCRIPT = """
+import multiprocessing
+import subprocess
+import sys
+
+import tinker
+
+
+def work(sampler):
+    import tinker
+
+    prompt = tinker.ModelInput.from_ints([1, 2, 3])
+    response = sampler.sample(prompt, 1, tinker.SamplingParams(max_tokens=2)).result(timeout=60)
+    return tinker.__name__, len(response.sequences[0].tokens)
+
+
+if __name__ == "__main__":
+    sampler = tinker.ServiceClient().create_sampling_client(base_model="loops-local/tiny-chat")
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        print(*pool.apply(work, (sampler.result(timeout=60),)))
+    child = [sys.executable, "-c", "import tinker; print(tinker.__name__)"]
+    print(subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip())
+"""
+
+
+def test_child_processes_import_the_layer_too(tmp_path: Path, null_server: LocalServer) -> None:
+    """Spawn workers (tinker-cookbook's rollout executor) and subprocesses of a script run
+    by ``python -m loops_async.tinker`` get the alias too, and a pickled SamplingClient
+    samples there."""
+    script = tmp_path / "spawner.py"
+    script.write_text(SPAWN_SCRIPT, encoding="utf-8")
+    result = _run(str(script), TINKER_BASE_URL=null_server.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["loops_async.tinker 2", "loops_async.tinker"]
 
 
 def test_main_local_keeps_an_existing_url(
