@@ -9,7 +9,6 @@ sampler (or its weights) is ready is usable at once: requests wait for it.
 from __future__ import annotations
 
 import concurrent.futures
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,6 +16,7 @@ import numpy as np
 from .. import errors
 from .. import sampling as core_sampling
 from .. import types as core_types
+from .._operation import new_key
 from ._errors import translating
 from ._futures import AwaitableConcurrentFuture, SelfFuture, done_future, spawn
 from .types import SampleResponse
@@ -155,7 +155,7 @@ class SamplingClient(SelfFuture["SamplingClient"]):
         response = await core.sample_async(
             prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs
         )
-        request = uuid.uuid4().hex
+        request = new_key()
         ids = [f"{request}:{i}" for i in range(len(response.sequences))]
         converted = SampleResponse.from_core(response, ids)
         if prompt_logprobs_last_n is not None and converted.prompt_logprobs_np is not None:
