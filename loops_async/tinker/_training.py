@@ -156,6 +156,7 @@ class TrainingClient(SelfFuture["TrainingClient"]):
     ) -> AwaitableConcurrentFuture[R]:
         """Take this call's turn now (caller's thread) and run ``submit(core)`` on the portal
         once the previous call let it go; the future gets ``convert(await result)``."""
+        self._service._check_open()
         with self._order_lock:
             previous = self._last
             turn = self._last = _Turn()

@@ -351,3 +351,37 @@ def test_snapshots_keep_their_weights_and_inflight_follows(torch_server: LocalSe
         assert first.compute_logprobs(prompt).result(timeout=600) == pytest.approx(before)
         assert inflight.compute_logprobs(prompt).result(timeout=600) == pytest.approx(after)
         assert max(abs(a - b) for a, b in zip(after[1:], before[1:], strict=True)) > 1e-3
+
+
+def test_custom_loss_keeps_call_order(torch_server: LocalServer) -> None:
+    """``forward_backward_custom`` is a forward, a loss on the client and a replayed backward:
+    an ``optim_step`` queued right after it must apply that backward's gradient."""
+    torch = pytest.importorskip("torch")
+    data = [datum(6, offset=40)]
+
+    def loss_fn(
+        batch: list[tinker.Datum], logprobs: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = -torch.stack([lp.sum() for lp in logprobs]).sum()
+        return loss, {"custom": float(loss.detach())}
+
+    with tinker.ServiceClient(base_url=torch_server.url) as service:
+        training = service.create_lora_training_client(MODEL, rank=8, seed=0)
+        before = training.forward(data, "cross_entropy").result(timeout=600)
+        custom = training.forward_backward_custom(data, loss_fn)
+        step = training.optim_step(tinker.AdamParams(learning_rate=1e-2))
+        after = training.forward(data, "cross_entropy")
+        assert custom.result(timeout=600).metrics["custom"] > 0
+        assert step.result(timeout=600).metrics["step"] == 1.0
+        old = before.loss_fn_outputs[0]["logprobs"].to_numpy()
+        new = after.result(timeout=600).loss_fn_outputs[0]["logprobs"].to_numpy()
+        assert new.sum() > old.sum()  # the step applied the custom loss's gradient
+
+
+def test_a_closed_service_refuses_new_calls(service: tinker.ServiceClient) -> None:
+    training = service.create_lora_training_client(MODEL, rank=8).result(timeout=60)
+    service.close().result(timeout=60)
+    with pytest.raises(RuntimeError, match="closed"):
+        training.forward_backward([datum()], "cross_entropy")
+    with pytest.raises(RuntimeError, match="closed"):
+        service.create_sampling_client(base_model=MODEL)
