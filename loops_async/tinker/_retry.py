@@ -7,7 +7,6 @@ status tables, backoff with jitter, ``Retry-After``); a ``RetryConfig`` given to
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 import httpx
@@ -29,5 +28,5 @@ class RetryConfig:
     enable_retry_logic: bool = True
     enable_stuck_detection: bool = True
     retryable_exceptions: tuple[type[Exception], ...] = field(
-        default=(asyncio.TimeoutError, APIConnectionError, httpx.TimeoutException)
+        default=(TimeoutError, APIConnectionError, httpx.TimeoutException)
     )
