@@ -93,6 +93,11 @@ def real_tinker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return pkg
 
 
+REAL_TINKER = _install._real_tinker() is not None
+"""A real tinker is installed here (e.g. with tinker-cookbook's dependencies): the tests that are
+not about refusing it ask to shadow it."""
+
+
 def _run(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess[str]:
     environ = {
         k: v for k, v in os.environ.items() if k not in ("TINKER_BASE_URL", "LOOPS_BASE_URL")
@@ -100,8 +105,9 @@ def _run(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProces
     paths = [str(ROOT), *env.pop("PYTHONPATH", "").split(os.pathsep)]
     environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     environ.update(env)
+    shadow = ("--shadow",) if REAL_TINKER else ()
     return subprocess.run(
-        [sys.executable, "-m", "loops_async.tinker", *args],
+        [sys.executable, "-m", "loops_async.tinker", *shadow, *args],
         cwd=cwd,
         env=environ,
         capture_output=True,
@@ -197,8 +203,8 @@ def test_alias_submodules_see_names_defined_later(layer: ModuleType) -> None:
 
 def test_install_aliases_tinker(layer: ModuleType) -> None:
     assert not is_installed()
-    install()
-    install()  # idempotent
+    install(shadow=REAL_TINKER)
+    install(shadow=REAL_TINKER)  # idempotent
     assert is_installed()
     import tinker
     import tinker.lib.public_interfaces.training_client as training_module
@@ -223,7 +229,7 @@ def test_install_aliases_tinker(layer: ModuleType) -> None:
 
 
 def test_finder_loads_each_module_once(layer: ModuleType) -> None:
-    install()
+    install(shadow=REAL_TINKER)
     # a real submodule imported first through its tinker name ...
     sys.modules.pop(f"{PACKAGE}.__main__", None)
     sys.modules.pop("tinker.__main__", None)
@@ -386,7 +392,8 @@ def test_main_local_keeps_an_existing_url(
     )
     monkeypatch.setenv("TINKER_BASE_URL", "http://example.invalid:1")
     monkeypatch.delenv("LOOPS_BASE_URL", raising=False)
-    assert main(["--local", str(script)]) == 0
+    shadow = ["--shadow"] if REAL_TINKER else []
+    assert main([*shadow, "--local", str(script)]) == 0
     captured = capsys.readouterr()
     assert "already set: http://example.invalid:1" in captured.err
     assert captured.out == "URL http://example.invalid:1\n"
