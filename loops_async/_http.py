@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.request
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -324,7 +324,7 @@ class _LaneClient:
     with a custom transport or proxies from the environment."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, weakref_slot=True, eq=False)
 class _LoopClients:
     """One event loop's HTTP clients, one per lane. The loop is held weakly."""
 
@@ -372,6 +372,67 @@ class _LoopClients:
 
 def _noop() -> None:
     pass
+
+
+_closers: weakref.WeakKeyDictionary[object, _LoopCloser] = weakref.WeakKeyDictionary()
+_closers_lock = threading.Lock()
+
+
+class _LoopCloser:
+    """Closes the HTTP clients of one event loop when that loop shuts down.
+
+    An async generator, first iterated on the loop, is registered by the loop's async-generator
+    hooks; ``asyncio.run`` (``shutdown_asyncgens``) and the end of ``trio.run`` close the ones
+    still alive, which runs its ``finally`` on that loop, while it can still await: the loop's
+    clients close their sockets there. Held strongly (in :data:`_closers`, keyed weakly by the
+    loop) so that it is never garbage-collected unfinished while its loop runs. A loop that
+    never closes its async generators (a hand-run asyncio loop) leaves its clients to be dropped,
+    as before.
+    """
+
+    __slots__ = ("__weakref__", "agen", "entries")
+
+    def __init__(self) -> None:
+        self.entries: weakref.WeakSet[_LoopClients] = weakref.WeakSet()
+        self.agen = self._run()
+
+    async def _run(self) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            entries, self.entries = list(self.entries), weakref.WeakSet()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+                for entry in entries:
+                    try:
+                        await entry.aclose()
+                    except Exception:  # pragma: no cover - closing must not raise
+                        log.debug("error closing an HTTP client at loop shutdown", exc_info=True)
+
+    def start(self) -> None:
+        """Run the generator to its ``yield`` now (on the loop): this registers it with the
+        loop's async-generator hooks."""
+        step = self.agen.asend(None)
+        try:
+            step.send(None)
+        except StopIteration:
+            return
+        step.close()  # pragma: no cover - the generator yields at once
+        raise RuntimeError("the loop closer did not stop at its first yield")  # pragma: no cover
+
+
+def close_with_loop(native: object, entry: _LoopClients) -> None:
+    """Have ``entry``'s clients closed when the loop ``native`` (this thread's) shuts down."""
+    with _closers_lock:
+        closer = _closers.get(native)
+        fresh = closer is None
+        if closer is None:
+            closer = _closers[native] = _LoopCloser()
+        closer.entries.add(entry)
+    if fresh:
+        try:
+            closer.start()
+        except Exception:  # pragma: no cover - a loop without async-generator hooks
+            log.debug("cannot close HTTP clients at this loop's shutdown", exc_info=True)
 
 
 CLOSE_TIMEOUT = 5.0
@@ -476,6 +537,7 @@ class Transport:
                     weakref.ref(native),
                     self._new_lanes(token.backend_class.current_time),
                 )
+                close_with_loop(native, entry)
         if stale:
             log.debug("dropped the HTTP clients of %d finished event loop(s)", len(stale))
         return entry.lanes[lane]

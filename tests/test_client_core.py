@@ -7,8 +7,10 @@ Each test first builds the failing situation the issue describes, through ``http
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from loops_async import (
     AdamParams,
     Datum,
     ModelInput,
+    SamplingParams,
     ServiceClient,
     TensorData,
     _http,
@@ -184,6 +187,28 @@ def test_short_lived_loops_do_not_pile_up_clients() -> None:
     assert service.statistics()["http_loops"] == 1
     service.close()
     assert service.statistics()["http_loops"] == 0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_loop_that_shuts_down_closes_its_connections(
+    backend: str, null_server: LocalServer
+) -> None:
+    """A client used from short-lived loops and never closed in them: each loop's shutdown
+    (``asyncio.run``'s ``shutdown_asyncgens``, the end of ``trio.run``) closes that loop's
+    sockets, so none is left for the garbage collector to find open."""
+    service = ServiceClient(base_url=null_server.url, heartbeat_interval=0)
+
+    async def use() -> None:
+        sampler = await service.create_sampling_client_async(base_model="loops-local/tiny-chat")
+        await sampler.sample_async(ModelInput.from_ints([1, 2]), 1, SamplingParams(max_tokens=2))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(3):
+            anyio.run(use, backend=backend)
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    service.close()
 
 
 # 4 ------------------------------------------------------------------ timeouts keep causes
