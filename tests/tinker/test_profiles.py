@@ -11,19 +11,10 @@ import pytest
 import loops_async.tinker as tinker
 from loops_async.server import LocalServer
 
+from ..test_e2e_profiles import PROFILES
+
 MODEL = "loops-local/tiny-chat"
 KEY = "tinker-profile-key"
-PROFILES = {
-    "local": {},
-    "hosted": {"profile": "hosted", "cold_start_requests": 2, "cold_start_retry_after": 0.05},
-    "hosted-shared": {
-        "profile": "hosted",
-        "cold_start_requests": 1,
-        "cold_start_retry_after": 0.05,
-        "shared_samplers": True,
-        "omit_result_paths": True,
-    },
-}
 
 
 @pytest.fixture(scope="module", params=sorted(PROFILES))
