@@ -30,8 +30,6 @@ __all__ = ["SamplingClient"]
 
 
 class SamplingClient(SelfFuture["SamplingClient"]):
-    _ready: AwaitableConcurrentFuture[core_sampling.SamplingClient]
-
     """Samples from one adapter (or base model), as tinker's ``SamplingClient``.
 
     Usable at once and a future of itself: ``.result()`` / ``await`` wait until its sampler
@@ -41,6 +39,8 @@ class SamplingClient(SelfFuture["SamplingClient"]):
     request. Picklable (without the API key, which the unpickled client reads from the
     environment), for rollout workers.
     """
+
+    _ready: AwaitableConcurrentFuture[core_sampling.SamplingClient]
 
     def __init__(
         self,

@@ -94,8 +94,6 @@ def _loss_config(config: object) -> dict[str, Any] | None:
 
 
 class TrainingClient(SelfFuture["TrainingClient"]):
-    _ready: AwaitableConcurrentFuture[core_training.TrainingClient]
-
     """A LoRA training run, as tinker's ``TrainingClient`` (made by
     :meth:`ServiceClient.create_lora_training_client` and friends).
 
@@ -105,6 +103,8 @@ class TrainingClient(SelfFuture["TrainingClient"]):
     may be queued back to back before waiting on either. ``*_async`` methods return the same
     future (await twice for the value), as in tinker.
     """
+
+    _ready: AwaitableConcurrentFuture[core_training.TrainingClient]
 
     def __init__(
         self,

@@ -423,6 +423,25 @@ def test_all_is_sorted_and_complete() -> None:
     assert provided <= set(exported), sorted(provided - set(exported))
 
 
+def test_public_classes_and_functions_have_docstrings() -> None:
+    """Each class and function the layer exports (its own or reused from the core) documents
+    itself, and so does each of its public methods."""
+    missing = []
+    for name in layer.__all__:
+        obj = getattr(layer, name)
+        if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        if not (obj.__dict__.get("__doc__") if inspect.isclass(obj) else obj.__doc__):
+            missing.append(name)
+        if inspect.isclass(obj) and obj.__module__.startswith("loops_async.tinker"):
+            for attr, member in vars(obj).items():
+                if attr.startswith("_") or not inspect.isfunction(member):
+                    continue
+                if not member.__doc__:
+                    missing.append(f"{name}.{attr}")
+    assert missing == []
+
+
 # The machinery itself: a comparison that passed everything would pass drift too.
 
 
