@@ -83,7 +83,7 @@ class _PortalThread:
         finally:
             self.finished.set()
 
-    def submit(self, call: _Call[Any] | _Spawn[Any]) -> None:
+    def submit(self, call: _Task[Any]) -> None:
         """Start ``call`` on the loop (thread-safe, non-blocking; ``RuntimeError`` when the loop
         has ended)."""
         try:
@@ -93,7 +93,7 @@ class _PortalThread:
         except anyio.RunFinishedError as exc:
             raise RuntimeError("the loops_async portal has stopped") from exc
 
-    def cancel(self, call: _Call[Any] | _Spawn[Any]) -> None:
+    def cancel(self, call: _Task[Any]) -> None:
         """Cancel ``call`` on the loop (thread-safe, non-blocking; nothing if it has ended)."""
         try:
             self.token.backend_class.run_sync_soon(call.cancel, (), self.token.native_token)
@@ -114,29 +114,27 @@ class _PortalThread:
             self.thread.join(_STOP_TIMEOUT)
 
 
-class _Call(Generic[T]):
-    """One sync call on the portal's loop. The caller blocks on ``done``, a lock the loop
-    releases once, when the call has an outcome."""
+class _Task(Generic[T]):
+    """One coroutine run on the portal's loop, cancellable from the caller's side (before or
+    after it started); its outcome goes to :meth:`_deliver`, exactly once."""
 
-    __slots__ = ("args", "cancelled", "done", "error", "func", "result", "scope")
+    __slots__ = ("args", "cancelled", "func", "scope")
 
     def __init__(self, func: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> None:
         self.func = func
         self.args = args
-        self.done = threading.Lock()
-        self.done.acquire()
-        self.result: T | None = None
-        self.error: BaseException | None = None
         self.scope: anyio.CancelScope | None = None
         self.cancelled = False
+
+    def _deliver(self, result: T | None, error: BaseException | None) -> None:
+        raise NotImplementedError
 
     def start(self, group: anyio.abc.TaskGroup) -> None:
         """On the loop: spawn the call (or fail it, if it cannot be)."""
         try:
             group.start_soon(self._run)
         except BaseException as exc:
-            self.error = exc
-            self.done.release()
+            self._deliver(None, exc)
             if not isinstance(exc, Exception):
                 raise
 
@@ -147,24 +145,45 @@ class _Call(Generic[T]):
             self.scope.cancel()
 
     async def _run(self) -> None:
+        result: T | None = None
+        error: BaseException | None = None
         try:
             with anyio.CancelScope() as scope:
                 self.scope = scope
                 if self.cancelled:
                     scope.cancel()
-                self.result = await self.func(*self.args)
+                result = await self.func(*self.args)
             if scope.cancelled_caught:
-                self.error = concurrent.futures.CancelledError()
+                error = concurrent.futures.CancelledError()
         except anyio.get_cancelled_exc_class():
-            self.error = concurrent.futures.CancelledError()  # the portal is stopping
+            error = concurrent.futures.CancelledError()  # the portal is stopping
             raise
         except BaseException as exc:
-            self.error = exc
+            error = exc
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt, SystemExit: as BlockingPortal
         finally:
             self.scope = None
-            self.done.release()
+            self._deliver(result, error)
+
+
+class _Call(_Task[T]):
+    """One sync call on the portal's loop. The caller blocks on ``done``, a lock the loop
+    releases once, when the call has an outcome."""
+
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self, func: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> None:
+        super().__init__(func, args)
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+    def _deliver(self, result: T | None, error: BaseException | None) -> None:
+        self.result = result
+        self.error = error
+        self.done.release()
 
     def wait(self, thread: _PortalThread) -> None:
         """In the caller's thread: block until the call has an outcome."""
@@ -180,11 +199,11 @@ class _Call(Generic[T]):
         return self.result  # type: ignore[return-value]
 
 
-class _Spawn(Generic[T]):
+class _Spawn(_Task[T]):
     """One call started on the portal's loop without waiting for it: its outcome goes to a
     :class:`concurrent.futures.Future`; cancelling that future cancels the call."""
 
-    __slots__ = ("args", "cancelled", "func", "future", "scope")
+    __slots__ = ("future",)
 
     def __init__(
         self,
@@ -192,47 +211,17 @@ class _Spawn(Generic[T]):
         args: tuple[Any, ...],
         future: concurrent.futures.Future[T],
     ) -> None:
-        self.func = func
-        self.args = args
+        super().__init__(func, args)
         self.future = future
-        self.scope: anyio.CancelScope | None = None
-        self.cancelled = False
 
     def start(self, group: anyio.abc.TaskGroup) -> None:
-        """On the loop: spawn the call (or fail its future, if it cannot be)."""
-        try:
-            group.start_soon(self._run)
-        except BaseException as exc:
-            _settle(self.future, None, exc)
-            if not isinstance(exc, Exception):
-                raise
+        """On the loop: spawn the call, unless its future was cancelled meanwhile."""
+        if self.future.cancelled():
+            self.cancelled = True
+        super().start(group)
 
-    def cancel(self) -> None:
-        """On the loop: cancel the call (before or after it started)."""
-        self.cancelled = True
-        if self.scope is not None:
-            self.scope.cancel()
-
-    async def _run(self) -> None:
-        future = self.future
-        try:
-            with anyio.CancelScope() as scope:
-                self.scope = scope
-                if self.cancelled or future.cancelled():
-                    scope.cancel()
-                result = await self.func(*self.args)
-                _settle(future, result, None)
-            if scope.cancelled_caught:
-                future.cancel()
-        except anyio.get_cancelled_exc_class():
-            _settle(future, None, concurrent.futures.CancelledError())  # the portal is stopping
-            raise
-        except BaseException as exc:
-            _settle(future, None, exc)
-            if not isinstance(exc, Exception):
-                raise  # KeyboardInterrupt, SystemExit: as BlockingPortal
-        finally:
-            self.scope = None
+    def _deliver(self, result: T | None, error: BaseException | None) -> None:
+        _settle(self.future, result, error)
 
 
 def _settle(
