@@ -152,11 +152,11 @@ ModelID: TypeAlias = str
 """The id of a training run / model (tinker's ``ModelID``)."""
 
 TensorDtype: TypeAlias = Literal["int64", "float32"]
+"""The tensor dtypes tinker's conversions produce."""
 
 SamplingClientKind: TypeAlias = Literal["snapshot", "inflight"]
-"""What ``save_weights_and_get_sampling_client(kind=...)`` publishes (Loops serves both as a
-snapshot of the weights at the call)."""
-"""The tensor dtypes tinker's conversions produce."""
+"""What ``save_weights_and_get_sampling_client(kind=...)`` returns: a client of exactly the
+weights of the call (``snapshot``), or one that follows the run's live adapter (``inflight``)."""
 
 LossFnType: TypeAlias = Literal[
     "cross_entropy",
@@ -432,15 +432,6 @@ def _convert_loss_input(key: str, value: object) -> _core.TensorData:
     if isinstance(value, np.ndarray):
         return TensorData.from_numpy(value)
     if isinstance(value, list | tuple):
-        nested = any(isinstance(item, list | tuple) for item in value)
-        try:
-            array = np.asarray(value)
-        except ValueError as exc:
-            if nested:
-                raise _ragged(key) from exc
-            raise
-        if array.dtype.kind not in "fiub" and nested:
-            raise _ragged(key)
         dtype = _KEY_TO_DTYPE.get(key)
         if dtype is None:
             raise KeyError(
@@ -448,7 +439,13 @@ def _convert_loss_input(key: str, value: object) -> _core.TensorData:
                 f"(lists are accepted under {', '.join(sorted(_KEY_TO_DTYPE))}); pass a numpy "
                 "array, a torch tensor or a TensorData instead"
             )
-        return TensorData.from_numpy(np.asarray(value, dtype=_numpy_dtype(dtype)))
+        try:  # one conversion, straight to the key's dtype
+            array = np.asarray(value, dtype=_numpy_dtype(dtype))
+        except ValueError as exc:
+            if any(isinstance(item, list | tuple) for item in value):
+                raise _ragged(key) from exc
+            raise
+        return TensorData.from_numpy(array)
     raise TypeError(f"Unsupported loss_fn_inputs value for {key!r}: {type(value).__name__}")
 
 
