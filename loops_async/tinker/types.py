@@ -418,6 +418,18 @@ def _ragged(key: str) -> ValueError:
     )
 
 
+def _as_array(key: str, value: list[Any] | tuple[Any, ...], dtype: Any) -> npt.NDArray[Any]:
+    try:
+        array = np.asarray(value, dtype=dtype)
+    except ValueError as exc:
+        if any(isinstance(item, list | tuple) for item in value):
+            raise _ragged(key) from exc
+        raise
+    if dtype is None and array.dtype.kind not in "fiub" and array.ndim > 1:
+        raise _ragged(key)
+    return array
+
+
 def _convert_loss_input(key: str, value: object) -> _core.TensorData:
     """One ``loss_fn_inputs`` value as a tensor, by tinker's rules."""
     if isinstance(value, _core.TensorData):
@@ -434,18 +446,14 @@ def _convert_loss_input(key: str, value: object) -> _core.TensorData:
     if isinstance(value, list | tuple):
         dtype = _KEY_TO_DTYPE.get(key)
         if dtype is None:
+            _as_array(key, value, None)  # a ragged list is refused as such first
             raise KeyError(
                 f"loss_fn_inputs[{key!r}]: no dtype is known for a plain list under this key "
                 f"(lists are accepted under {', '.join(sorted(_KEY_TO_DTYPE))}); pass a numpy "
                 "array, a torch tensor or a TensorData instead"
             )
-        try:  # one conversion, straight to the key's dtype
-            array = np.asarray(value, dtype=_numpy_dtype(dtype))
-        except ValueError as exc:
-            if any(isinstance(item, list | tuple) for item in value):
-                raise _ragged(key) from exc
-            raise
-        return TensorData.from_numpy(array)
+        # one conversion, straight to the key's dtype
+        return TensorData.from_numpy(_as_array(key, value, _numpy_dtype(dtype)))
     raise TypeError(f"Unsupported loss_fn_inputs value for {key!r}: {type(value).__name__}")
 
 
