@@ -9,12 +9,12 @@ hands tinker paths to tinker code and maps them back when they are passed in; ``
 from __future__ import annotations
 
 from .. import errors
+from .types import ParsedCheckpointTinkerPath
 
 __all__ = ["LOCAL_RUN_ID", "to_loops_path", "to_tinker_path"]
 
 _TINKER = "tinker://"
 _LOOPS = "bt://loops:"
-_KINDS = ("weights", "sampler_weights")
 
 LOCAL_RUN_ID = "local"
 """The run id shown for a trainer that has none (``loops_async.ServiceClient.local``)."""
@@ -26,18 +26,20 @@ def to_loops_path(path: str, field: str = "path") -> str:
         raise errors.ValidationError(f"{field}: expected a checkpoint path, got {path!r}")
     if not path.startswith(_TINKER):
         return path
-    parts = path[len(_TINKER) :].split("/")
-    if len(parts) != 3 or not all(parts):
+    parsed: ParsedCheckpointTinkerPath | None = None
+    try:
+        parsed = ParsedCheckpointTinkerPath.from_tinker_path(path)
+    except ValueError:
+        pass
+    if parsed is None or not parsed.training_run_id or parsed.checkpoint_id.endswith("/"):
         raise errors.ValidationError(
             f"{field}: expected 'tinker://<run_id>/<weights|sampler_weights>/<name>', got {path!r}"
         )
-    run_id, kind, name = parts
-    if kind not in _KINDS:
+    if parsed.checkpoint_type == "external":
         raise errors.ValidationError(
-            f"{field}: {kind!r} checkpoints are not supported by Loops (only weights and "
-            f"sampler_weights), in {path!r}"
+            f"{field}: only weights and sampler_weights checkpoints exist on Loops, got {path!r}"
         )
-    return f"{_LOOPS}{run_id}/{kind}/{name}"
+    return f"{_LOOPS}{parsed.training_run_id}/{parsed.checkpoint_id}"
 
 
 def to_tinker_path(path: str) -> str:

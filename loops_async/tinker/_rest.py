@@ -16,7 +16,7 @@ from .. import service as core_service
 from .. import types as core_types
 from ._futures import AwaitableConcurrentFuture, spawn
 from ._paths import to_loops_path, to_tinker_path
-from ._service import known_run, resolve_api_key, resolve_base_url
+from ._service import known_run, resolve_api_key, resolve_base_url, server_capabilities
 from .types import (
     Checkpoint,
     CheckpointsListResponse,
@@ -216,9 +216,7 @@ class RestClient:
 
     def get_server_capabilities(self) -> AwaitableConcurrentFuture[GetServerCapabilitiesResponse]:
         """The base models the server supports."""
-        from ._service import ServiceClient
-
-        return ServiceClient.from_loops(self._core).get_server_capabilities()
+        return spawn(server_capabilities, self._core)
 
     async def get_server_capabilities_async(self) -> GetServerCapabilitiesResponse:
         """:meth:`get_server_capabilities`, awaited."""

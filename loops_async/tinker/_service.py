@@ -39,7 +39,7 @@ from .types import (
 if TYPE_CHECKING:
     from ._rest import RestClient
 
-__all__ = ["ServiceClient", "resolve_api_key", "resolve_base_url"]
+__all__ = ["ServiceClient", "resolve_api_key", "resolve_base_url", "server_capabilities"]
 
 log = logging.getLogger("loops_async.tinker")
 
@@ -91,6 +91,22 @@ def known_run(run_id: str) -> _RunRecord | None:
     """The record of a run created by this process, if any."""
     with _runs_lock:
         return _runs.get(run_id)
+
+
+async def server_capabilities(core: core_service.ServiceClient) -> GetServerCapabilitiesResponse:
+    """The base models ``core``'s server supports, as tinker describes them."""
+    found = await core.get_server_capabilities_async()
+    return GetServerCapabilitiesResponse(
+        supported_models=[
+            SupportedModel(
+                model_name=m.model_name,
+                max_context_length=m.max_context_length,
+                trainable=True,
+                sampleable=True,
+            )
+            for m in found.supported_models
+        ]
+    )
 
 
 def _check_optimizer(optimizer: object) -> None:
@@ -337,25 +353,11 @@ class ServiceClient:
     def get_server_capabilities(self) -> AwaitableConcurrentFuture[GetServerCapabilitiesResponse]:
         """The base models the server supports."""
         self._check_open()
-        return spawn(self._capabilities)
+        return spawn(server_capabilities, self._core)
 
     async def get_server_capabilities_async(self) -> GetServerCapabilitiesResponse:
         """The base models the server supports, awaited."""
         return await self.get_server_capabilities()
-
-    async def _capabilities(self) -> GetServerCapabilitiesResponse:
-        found = await self._core.get_server_capabilities_async()
-        return GetServerCapabilitiesResponse(
-            supported_models=[
-                SupportedModel(
-                    model_name=m.model_name,
-                    max_context_length=m.max_context_length,
-                    trainable=True,
-                    sampleable=True,
-                )
-                for m in found.supported_models
-            ]
-        )
 
     def create_rest_client(self) -> RestClient:
         """A :class:`RestClient` on this client's connection (checkpoints, runs)."""
